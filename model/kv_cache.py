@@ -1,0 +1,41 @@
+"""Static KV cache: `max_batch_size` slots x `max_seq_len` positions per layer, allocated once.
+
+A request owns one slot for its lifetime. Reusing a slot never needs clearing: attention only reads
+positions up to the query's own position, and every one of those was written by the current owner.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, slots: torch.Tensor | None, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v ([B, H, T, D]) at (slot, position); return each row's first kv_len keys/values.
+
+        `slots=None` means row i uses slot i: the read is then a view of the cache, not a gather copy.
+        """
+        batch = positions.shape[0]
+        rows = (torch.arange(batch, device=positions.device) if slots is None else slots)[:, None]
+        self.k[rows, :, positions] = k.transpose(1, 2)
+        self.v[rows, :, positions] = v.transpose(1, 2)
+        if slots is None:
+            return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]

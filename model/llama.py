@@ -1,0 +1,178 @@
+"""The Llama network in plain PyTorch, in the spirit of Meta's llama3 `model.py`.
+
+Differences from Meta's file, each for a reason:
+- RoPE uses the HF `rotate_half` layout; loaders convert Meta and GGUF Q/K weights to it once.
+- The KV cache is a set of slots: every row of a batch says which slot it writes and at which
+  positions, so decode rows at different lengths and a prefill into one slot share one forward.
+- Optional qkv bias (Qwen2) and tied output head (SmolLM2, small Qwen2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import ModelArgs, RopeScaling
+from model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32: the mean of squares overflows/underflows in half precision.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama 3.1's long-context scaling when given."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return freqs.float()
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    scaled = torch.where(wavelen > low_wavelen, freqs / scaling.factor, freqs)
+    middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    return torch.where(middle, blended, scaled).float()
+
+
+def rope_tables(args: ModelArgs, max_seq_len: int, device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (max_seq_len, head_dim), in the rotate_half layout, in fp32."""
+    freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (B, 1, T, D) fp32."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor | None,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        batch, seqlen, _ = x.shape
+        q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        assert self.cache is not None, "call Transformer.setup_cache() before forward()"
+        keys, values = self.cache.update(slots, positions, k, v, mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, cos, sin, slots, positions, mask) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        h = x + self.attention(self.attention_norm(x), cos, sin, slots, positions, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Token ids in, fp32 logits out. Build on the meta device, load weights, then `setup_cache`."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate the slot cache and RoPE tables once, on the weights' device and dtype."""
+        weight = self.tok_embeddings.weight
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        for layer in self.layers:
+            layer.attention.cache = KVCache(
+                max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device
+            )
+        cos, sin = rope_tables(self.args, max_seq_len, weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        *,
+        kv_len: int | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Run `tokens` (B, T) at `positions` (B, T), row b writing KV-cache slot `slots[b]`.
+
+        slots=None means row b uses slot b. kv_len bounds the keys read (default: max position + 1);
+        each query attends to the keys of its own slot at positions <= its own. Returns fp32 logits
+        (B, V) for the last column, or (B, T, V) with all_logits.
+        """
+        if kv_len is None:
+            kv_len = int(positions.max()) + 1
+        key_positions = torch.arange(kv_len, device=tokens.device)
+        mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
+        cos = self.rope_cos[positions][:, None]
+        sin = self.rope_sin[positions][:, None]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, slots, positions, mask)
+        h = self.norm(h if all_logits else h[:, -1])
+        head = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, head).float()
