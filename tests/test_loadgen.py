@@ -1,0 +1,182 @@
+"""The load generator against a fake SSE server whose timings and failures are known in advance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from bench import loadgen
+from bench.loadgen import Workload
+
+FIRST_TOKEN_DELAY = 0.05
+TOKEN_GAP = 0.01
+
+
+class FakeServer:
+    """Streams `max_tokens` one-token chunks (3 without min_tokens, like an early EOS), after a fixed
+    delay; every `fail_every`-th request gets a 503, and `break_stream` sends an error event mid-stream."""
+
+    def __init__(self, *, fail_every: int = 0, send_usage: bool = True, break_stream: bool = False) -> None:
+        self.fail_every, self.send_usage, self.break_stream = fail_every, send_usage, break_stream
+        self.bodies: list[dict[str, Any]] = []
+        self.app = Starlette(routes=[
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+        ])
+
+    async def models(self, request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    async def completions(self, request: Request) -> JSONResponse | StreamingResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        if self.fail_every and len(self.bodies) % self.fail_every == 0:
+            return JSONResponse({"error": {"message": "busy", "type": "server_error"}}, status_code=503)
+        n = body["max_tokens"] if body.get("min_tokens") == body["max_tokens"] else min(3, body["max_tokens"])
+        include_usage = self.send_usage and body.get("stream_options", {}).get("include_usage")
+        return StreamingResponse(self.events(n, include_usage), media_type="text/event-stream")
+
+    async def events(self, n: int, include_usage: bool):  # type: ignore[no-untyped-def]
+        def event(payload: dict[str, Any]) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        await asyncio.sleep(FIRST_TOKEN_DELAY)
+        yield ": keepalive\n\n"
+        for i in range(n):
+            if i:
+                await asyncio.sleep(TOKEN_GAP)
+            if self.break_stream and i == 2:
+                yield event({"error": {"message": "engine died", "type": "server_error"}})
+                yield "data: [DONE]\n\n"
+                return
+            finish = ("length" if n > 3 else "stop") if i == n - 1 else None
+            yield event({"id": "cmpl-1", "object": "text_completion",
+                         "choices": [{"index": 0, "text": " w", "finish_reason": finish}]})
+        if include_usage:
+            yield event({"id": "cmpl-1", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n}})
+        yield "data: [DONE]\n\n"
+
+
+@pytest.fixture
+def serve() -> Iterator:  # type: ignore[type-arg]
+    """serve(fake) -> base URL; uvicorn runs in a thread on a free port and stops after the test."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(fake: FakeServer) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("q", [0, 1, 50, 90, 99, 100])
+def test_percentile_matches_numpy(q: float) -> None:
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 7, 100):
+        values = rng.exponential(size=size).tolist()
+        assert loadgen.percentile(values, q) == pytest.approx(np.percentile(values, q))
+    assert loadgen.percentile([], 50) is None
+
+
+def test_parse_range() -> None:
+    assert loadgen.parse_range("128") == (128, 128)
+    assert loadgen.parse_range("64-256") == (64, 256)
+    with pytest.raises(Exception, match="LOW-HIGH"):
+        loadgen.parse_range("a-b")
+    with pytest.raises(ValueError, match="output_tokens"):
+        Workload(num_requests=1, concurrency=1, output_tokens=(9, 3))
+
+
+def test_workload_is_reproducible_plain_words() -> None:
+    w = Workload(num_requests=20, concurrency=2, prompt_tokens=(5, 9), output_tokens=(2, 4), seed=3)
+    specs = loadgen.make_specs(w)
+    assert specs == loadgen.make_specs(w)
+    assert len({s.prompt for s in specs}) == 20  # fresh prompts: no shared prefix cache hits
+    for spec in specs:
+        words = spec.prompt.split(" ")
+        assert len(words) == spec.prompt_words and 5 <= len(words) <= 9
+        assert set(words) <= set(loadgen.WORDS)
+        assert 2 <= spec.max_tokens <= 4
+
+
+def test_report_against_fake_server(serve) -> None:  # type: ignore[no-untyped-def]
+    fake = FakeServer(fail_every=5)
+    url = serve(fake)
+    w = Workload(num_requests=10, concurrency=3, prompt_tokens=(4, 6), output_tokens=(5, 5))
+    report = asyncio.run(loadgen.measure(url, w, warmup=0))
+
+    assert (report["requests"], report["completed"], report["errors"]) == (10, 8, 2)
+    assert "HTTP 503" in report["error_samples"][0]
+    assert report["token_source"] == ["usage"] and report["short_outputs"] == 0
+    assert report["output_tokens"] == 8 * 5 and report["prompt_tokens"] == 8 * 7
+    assert report["output_tok_s"] == pytest.approx(40 / report["duration_s"])
+    assert FIRST_TOKEN_DELAY <= report["ttft_ms"]["p50"] / 1000 < FIRST_TOKEN_DELAY + 0.5
+    assert report["itl_ms"]["n"] == 8 * 4
+    assert TOKEN_GAP <= report["itl_ms"]["p50"] / 1000 < TOKEN_GAP + 0.2
+    e2e_floor = FIRST_TOKEN_DELAY + 4 * TOKEN_GAP
+    assert report["e2e_s"]["p50"] >= e2e_floor
+    assert report["tpot_ms"]["p50"] / 1000 >= TOKEN_GAP
+    # 10 requests over 3 clients: at least 4 rounds of one request each.
+    assert report["duration_s"] >= 3 * FIRST_TOKEN_DELAY
+    for body in fake.bodies:
+        assert body["model"] == "fake-model" and body["stream"] is True
+        assert body["min_tokens"] == body["max_tokens"] == 5 and body["ignore_eos"] is True
+
+
+def test_counts_chunks_without_usage_and_flags_short_outputs(serve) -> None:  # type: ignore[no-untyped-def]
+    url = serve(FakeServer(send_usage=False))
+    w = Workload(num_requests=4, concurrency=2, output_tokens=(6, 6), prompt_tokens=(3, 3), ignore_eos=False)
+    report = asyncio.run(loadgen.measure(url, w, warmup=0))
+    assert report["completed"] == 4 and report["token_source"] == ["chunks"]
+    assert report["output_tokens"] == 4 * 3 and report["short_outputs"] == 4
+
+
+def test_error_event_mid_stream_is_an_error(serve) -> None:  # type: ignore[no-untyped-def]
+    url = serve(FakeServer(break_stream=True))
+    w = Workload(num_requests=2, concurrency=2, output_tokens=(5, 5), prompt_tokens=(3, 3))
+    report = asyncio.run(loadgen.measure(url, w, warmup=0))
+    assert report["errors"] == 2 and report["error_samples"] == ["engine died"]
+    assert report["ttft_ms"]["n"] == 0 and report["ttft_ms"]["p50"] is None
+    assert "-" in loadgen.format_report(report)
+
+
+def test_cli_writes_json_and_fails_cleanly(serve, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    url = serve(FakeServer())
+    out = tmp_path / "report.json"
+    argv = ["--base-url", url, "-c", "2", "-n", "3", "--prompt-tokens", "3-5", "--output-tokens", "4",
+            "--warmup", "1", "--label", "fake", "--json", str(out)]
+    assert loadgen.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "== fake" in table and "TTFT (ms)" in table
+    saved = json.loads(out.read_text())
+    assert saved["completed"] == 3 and saved["output_tokens"] == 12
+
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert loadgen.main(["--base-url", dead, "-n", "1"]) == 2
+    assert "loadgen:" in capsys.readouterr().err
