@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -119,6 +119,99 @@ class ModelArgs:
         )
         values.update(overrides)
         return cls(**values)
+
+
+    @classmethod
+    def from_gguf_metadata(
+        cls, source: Any, *, tensor_names: Iterable[str] | None = None, **overrides: Any
+    ) -> "ModelArgs":
+        """GGUF metadata of architecture `llama` or `qwen2`.
+
+        `source` is a `gguf.GGUFReader`, its `.fields`, or a plain {key: value} dict. The head is tied
+        when the file has no `output.weight` tensor; pass `tensor_names` when `source` is not a reader.
+        """
+        fields = getattr(source, "fields", source)
+        if tensor_names is None and hasattr(source, "tensors"):
+            tensor_names = [t.name for t in source.tensors]
+        arch = gguf_value(fields, "general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitectureError(
+                f"unsupported GGUF architecture {arch!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def key(name: str, default: Any = _REQUIRED) -> Any:
+            return gguf_value(fields, f"{arch}.{name}", default)
+
+        dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
+        head_dim = int(key("attention.key_length", dim // n_heads))
+        rotary_dims = int(key("rope.dimension_count", head_dim))
+        if rotary_dims != head_dim:
+            raise UnsupportedArchitectureError(f"partial rotary embeddings ({rotary_dims} of {head_dim}) are not supported")
+        vocab_size = key("vocab_size", None)
+        if vocab_size is None:
+            vocab_size = gguf_array_len(fields, "tokenizer.ggml.tokens")
+        eos = gguf_value(fields, "tokenizer.ggml.eos_token_id", None)
+        stops = [gguf_value(fields, f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
+        values: dict[str, Any] = dict(
+            dim=dim,
+            n_layers=int(key("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+            vocab_size=int(vocab_size),
+            hidden_dim=int(key("feed_forward_length")),
+            head_dim=head_dim,
+            norm_eps=round_f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=round_f32(key("rope.freq_base", 10000.0)),
+            qkv_bias=arch == "qwen2",
+            tie_word_embeddings=tensor_names is not None and "output.weight" not in set(tensor_names),
+            rope_scaling=gguf_rope_scaling(key),
+            bos_token_id=gguf_value(fields, "tokenizer.ggml.bos_token_id", None),
+            eos_token_id=eos,
+            stop_token_ids=list(dict.fromkeys(int(s) for s in stops if s is not None)),
+            context_length=key("context_length", None),
+            architecture=arch,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+_REQUIRED = object()
+
+
+def gguf_value(fields: Any, name: str, default: Any = _REQUIRED) -> Any:
+    """One scalar/string value from GGUF fields (ReaderField or plain value); a missing required key is an error."""
+    if name not in fields:
+        if default is _REQUIRED:
+            raise ValueError(f"GGUF metadata lacks the required key {name!r}")
+        return default
+    field = fields[name]
+    return field.contents() if hasattr(field, "contents") else field
+
+
+def gguf_array_len(fields: Any, name: str) -> int:
+    """Length of a GGUF array without decoding its items (the token list has ~100k strings)."""
+    if name not in fields:
+        raise ValueError(f"GGUF metadata lacks {name!r} (needed for the vocabulary size)")
+    field = fields[name]
+    return len(field.data) if hasattr(field, "data") else len(field)
+
+
+def gguf_rope_scaling(key: Any) -> RopeScaling | None:
+    """`{arch}.rope.scaling.*` keys; Llama 3.1 files often carry only a `rope_freqs` tensor (see the loader)."""
+    kind = key("rope.scaling.type", None)
+    if kind in (None, "none"):
+        return None
+    if kind != "llama3":
+        raise UnsupportedArchitectureError(f"unsupported GGUF rope scaling {kind!r}: only 'llama3' is")
+    return RopeScaling(
+        factor=float(key("rope.scaling.factor", 8.0)),
+        original_max_position_embeddings=int(key("rope.scaling.original_context_length", 8192)),
+    )
+
+
+def round_f32(value: float) -> float:
+    """GGUF stores floats as float32: 1e-5 reads back as 9.99999974e-06; keep the intended decimal."""
+    return float(f"{float(value):.7g}")
 
 
 def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
