@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from bench import loadgen
+from bench import loadgen, run_peers
 from bench.loadgen import Workload
 
 FIRST_TOKEN_DELAY = 0.05
@@ -29,8 +29,10 @@ class FakeServer:
     """Streams `max_tokens` one-token chunks (3 without min_tokens, like an early EOS), after a fixed
     delay; every `fail_every`-th request gets a 503, and `break_stream` sends an error event mid-stream."""
 
-    def __init__(self, *, fail_every: int = 0, send_usage: bool = True, break_stream: bool = False) -> None:
+    def __init__(self, *, fail_every: int = 0, send_usage: bool = True, break_stream: bool = False,
+                 first_token_delay: float = FIRST_TOKEN_DELAY, token_gap: float = TOKEN_GAP) -> None:
         self.fail_every, self.send_usage, self.break_stream = fail_every, send_usage, break_stream
+        self.first_token_delay, self.token_gap = first_token_delay, token_gap
         self.bodies: list[dict[str, Any]] = []
         self.app = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
@@ -53,11 +55,11 @@ class FakeServer:
         def event(payload: dict[str, Any]) -> str:
             return f"data: {json.dumps(payload)}\n\n"
 
-        await asyncio.sleep(FIRST_TOKEN_DELAY)
+        await asyncio.sleep(self.first_token_delay)
         yield ": keepalive\n\n"
         for i in range(n):
             if i:
-                await asyncio.sleep(TOKEN_GAP)
+                await asyncio.sleep(self.token_gap)
             if self.break_stream and i == 2:
                 yield event({"error": {"message": "engine died", "type": "server_error"}})
                 yield "data: [DONE]\n\n"
@@ -180,3 +182,41 @@ def test_cli_writes_json_and_fails_cleanly(serve, tmp_path, capsys) -> None:  # 
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     assert loadgen.main(["--base-url", dead, "-n", "1"]) == 2
     assert "loadgen:" in capsys.readouterr().err
+
+
+def test_run_peers_compares_two_servers(serve, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A fast fake against a slow fake through the runner: medians, ratios and verdicts."""
+    monkeypatch.setattr(run_peers, "machine_load", lambda sample_s=1.0: {"loadavg_1m": 0.0, "cpu_busy": 0.9, "cores": 2})
+    fast = serve(FakeServer(first_token_delay=0.01, token_gap=0.002))
+    slow = serve(FakeServer(first_token_delay=0.05, token_gap=0.02))
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"")
+    out = tmp_path / "results.json"
+    argv = ["--model", str(model), "--peers", "ours", "llama.cpp", "--ours-url", fast, "--llamacpp-url", slow,
+            "--repeats", "2", "--concurrency", "3", "--c1-requests", "2", "--cn-requests", "6",
+            "--prompt-tokens", "4", "--output-tokens", "6", "--json", str(out)]
+    assert run_peers.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "WARNING before ours c1 #1: CPU 90% busy" in captured.err
+
+    results = json.loads(out.read_text())
+    assert len(results["ours"]["c3"]["runs"]) == 2
+    runs = [r["output_tok_s"] for r in results["ours"]["c3"]["runs"]]
+    assert results["ours"]["c3"]["median"]["output_tok_s"] == pytest.approx(np.median(runs))
+    rows = {row["comparison"].split(":")[0]: row for row in results["comparison"]}
+    throughput = rows["aggregate output tok/s, c3"]
+    assert throughput["ratio"] == pytest.approx(throughput["ours"] / throughput["peer"])
+    # 20 ms vs 2 ms per token: the fast fake produces well over twice the tokens per second.
+    assert throughput["ratio"] > 2 and throughput["pass"] is True
+    ttft = rows["TTFT p50 ms, c3"]
+    assert ttft["ours"] < ttft["peer"] and ttft["pass"] is True
+    assert "PASS" in captured.out and "FAIL" not in captured.out
+
+
+def test_run_peers_skips_llamacpp_without_python(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"")
+    missing = tmp_path / "no-venv" / "python"
+    assert run_peers.main(["--model", str(model), "--peers", "llama.cpp", "--llamacpp-python", str(missing)]) == 0
+    assert f"SKIP llama.cpp: {missing} does not exist" in capsys.readouterr().out
+    assert run_peers.main(["--model", str(tmp_path / "absent.gguf")]) == 2

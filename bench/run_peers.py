@@ -1,0 +1,345 @@
+"""Our server against its peers, same weights, same workload, one run; ratios and targets at the end.
+
+Peers, measured one after another so they never compete for the CPU:
+- transformers' `generate` (bench/hf_generate.py, a subprocess): batch-1 streaming decode and batch N;
+- our server (`python -m app`) and, when installed, llama.cpp's server (`llama-cpp-python[server]`,
+  found with --llamacpp-python PATH), both driven over HTTP by bench/loadgen.py with two workloads:
+  one streaming client, and --concurrency streaming clients.
+Each measurement is repeated --repeats times and the medians are compared. Before each one the CPU is
+sampled for a second and the run warns when something else is using it.
+
+    python -m bench.run_peers --threads 2 --repeats 3 --llamacpp-python /tmp/venv-llamacpp/bin/python \
+        --json bench-results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import loadgen
+from bench.loadgen import Workload
+
+DEFAULT_MODEL = Path.home() / ".cache" / "llamaserve" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies summed over all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def machine_load(sample_s: float = 1.0) -> dict[str, float | None]:
+    """The load average and the fraction of all cores busy over the next sample_s seconds."""
+    load1 = os.getloadavg()[0]
+    try:
+        busy0, total0 = cpu_times()
+        time.sleep(sample_s)
+        busy1, total1 = cpu_times()
+        busy = (busy1 - busy0) / max(total1 - total0, 1)
+    except OSError:
+        busy = None
+    return {"loadavg_1m": load1, "cpu_busy": busy, "cores": os.cpu_count() or 1}
+
+
+def check_quiet(what: str, max_busy: float) -> dict[str, float | None]:
+    """Sample the machine before a measurement and warn when it is not quiet (numbers would be low)."""
+    load = machine_load()
+    busy = load["cpu_busy"]
+    if busy is not None and busy > max_busy:
+        print(f"WARNING before {what}: CPU {busy:.0%} busy (load average {load['loadavg_1m']:.2f}); "
+              "other work on this machine will lower every number", file=sys.stderr)
+    return load
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Poll GET /v1/models until the server answers; fail with its log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; log tail:\n{tail(log)}")
+        try:
+            if httpx.get(base_url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s; log tail:\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def server(name: str, cmd: list[str], port: int, env: dict[str, str], ready_timeout: float) -> Iterator[str]:
+    """Start a server process, yield its base URL once ready, stop it (by its own pid) afterwards."""
+    log = Path(tempfile.gettempdir()) / f"run_peers-{name}-{port}.log"
+    print(f"starting {name}: {' '.join(cmd)}  (log: {log})")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        started = time.monotonic()
+        wait_ready(base_url, proc, log, ready_timeout)
+        print(f"{name} ready after {time.monotonic() - started:.1f} s")
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def torch_env(args: argparse.Namespace) -> dict[str, str]:
+    """Environment of the PyTorch processes (ours and transformers): same threads, same OpenMP policy."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(Path.cwd()))
+    if args.omp_wait_policy != "unset":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    return env
+
+
+def workloads(args: argparse.Namespace) -> dict[str, Workload]:
+    common = dict(prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed)
+    return {
+        "c1": Workload(num_requests=args.c1_requests, concurrency=1, **common),
+        f"c{args.concurrency}": Workload(num_requests=args.cn_requests, concurrency=args.concurrency, **common),
+    }
+
+
+def measure_server(name: str, base_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every workload, --repeats times each, against one running server."""
+    results: dict[str, Any] = {}
+    for key, workload in workloads(args).items():
+        reps = []
+        for rep in range(args.repeats):
+            load = check_quiet(f"{name} {key} #{rep + 1}", args.max_busy)
+            # A different seed per repetition: fresh prompts, no prefix-cache hits across repetitions.
+            w = Workload(**{**workload.__dict__, "seed": workload.seed + rep})
+            report = asyncio.run(loadgen.measure(base_url, w, label=f"{name} {key} #{rep + 1}",
+                                                 timeout=args.request_timeout, warmup=1))
+            report["machine_before"] = load
+            print(loadgen.format_report(report))
+            reps.append(report)
+        results[key] = {"median": median_report(reps), "runs": reps}
+    return results
+
+
+def median_report(reps: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Medians over repetitions of the numbers the comparison uses."""
+    picks = {
+        "output_tok_s": lambda r: r["output_tok_s"],
+        "ttft_p50_ms": lambda r: r["ttft_ms"]["p50"],
+        "ttft_p99_ms": lambda r: r["ttft_ms"]["p99"],
+        "itl_p50_ms": lambda r: r["itl_ms"]["p50"],
+        "itl_p99_ms": lambda r: r["itl_ms"]["p99"],
+        "e2e_p50_s": lambda r: r["e2e_s"]["p50"],
+        "decode_tok_s_p50": lambda r: r["decode_tok_s"]["p50"],
+        "errors": lambda r: r["errors"],
+        "short_outputs": lambda r: r["short_outputs"],
+    }
+    out: dict[str, float | None] = {}
+    for key, pick in picks.items():
+        values = [v for v in (pick(r) for r in reps) if v is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def run_transformers(args: argparse.Namespace) -> dict[str, Any]:
+    load = check_quiet("transformers", args.max_busy)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = [sys.executable, "-m", "bench.hf_generate", "--model", str(args.model), "--threads", str(args.threads),
+           "--batch", "1", str(args.hf_batch), "--prompt-tokens", str(args.prompt_tokens[0]),
+           "--output-tokens", str(args.output_tokens[0]), "--repeats", str(args.repeats), "--seed", str(args.seed),
+           "--json", str(out)]
+    print(f"running transformers: {' '.join(cmd)}")
+    done = subprocess.run(cmd, env=torch_env(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"transformers baseline failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    report = json.loads(out.read_text())
+    out.unlink()
+    report["machine_before"] = load
+    for line in done.stdout.splitlines():
+        if line.startswith("transformers batch"):
+            print(line)
+    return report
+
+
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    if args.ours_url:
+        return measure_server("ours", args.ours_url.rstrip("/"), args)
+    port = free_port()
+    cmd = [sys.executable, "-m", "app", "--model", str(args.model), "--host", "127.0.0.1", "--port", str(port),
+           "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
+           "--max-seq-len", str(args.max_seq_len)]
+    with server("ours", cmd, port, torch_env(args), args.ready_timeout) as url:
+        return measure_server("ours", url, args)
+
+
+def llamacpp_usable(python: str) -> str | None:
+    """None when `python -m llama_cpp.server` can run, else the reason it cannot."""
+    if not Path(python).exists():
+        return f"{python} does not exist"
+    probe = subprocess.run([python, "-c", "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"{python} cannot import llama_cpp.server: {probe.stderr.strip().splitlines()[-1:]}"
+    return None
+
+
+def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.llamacpp_url:
+        return measure_server("llama.cpp", args.llamacpp_url.rstrip("/"), args)
+    if not args.llamacpp_python:
+        print("SKIP llama.cpp: pass --llamacpp-python PATH (python of a venv with llama-cpp-python[server]) "
+              "or --llamacpp-url URL")
+        return None
+    reason = llamacpp_usable(args.llamacpp_python)
+    if reason:
+        print(f"SKIP llama.cpp: {reason}")
+        return None
+    port = free_port()
+    cmd = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", str(args.model), "--host", "127.0.0.1",
+           "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+           "--n_ctx", str(args.max_seq_len)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    with server("llama.cpp", cmd, port, env, args.ready_timeout) as url:
+        return measure_server("llama.cpp", url, args)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Ratios ours / peer, each with the target it is held to (None: reported, no target)."""
+    cn = f"c{args.concurrency}"
+    ours, llama, hf = results.get("ours"), results.get("llama.cpp"), results.get("transformers")
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, ours_value: float | None, peer_value: float | None, target: str | None,
+            passed: bool | None) -> None:
+        rows.append({"comparison": name, "ours": ours_value, "peer": peer_value,
+                     "ratio": ratio(ours_value, peer_value), "target": target, "pass": passed})
+
+    if ours and hf:
+        ours_decode = ours["c1"]["median"]["decode_tok_s_p50"]
+        hf_decode = hf["batches"]["1"]["median"]["decode_tok_s"]
+        r = ratio(ours_decode, hf_decode)
+        add("batch-1 streaming decode tok/s: ours HTTP / transformers generate", ours_decode, hf_decode,
+            ">= 3x", r is not None and r >= 3)
+        hf_n = hf["batches"].get(str(args.hf_batch))
+        if hf_n:
+            add(f"output tok/s: ours {cn} HTTP / transformers generate batch {args.hf_batch}",
+                ours[cn]["median"]["output_tok_s"], hf_n["median"]["output_tok_s"], None, None)
+    if ours and llama:
+        o, p = ours[cn]["median"]["output_tok_s"], llama[cn]["median"]["output_tok_s"]
+        r = ratio(o, p)
+        add(f"aggregate output tok/s, {cn}: ours / llama.cpp server", o, p, ">= 2x", r is not None and r >= 2)
+        o, p = ours[cn]["median"]["ttft_p50_ms"], llama[cn]["median"]["ttft_p50_ms"]
+        add(f"TTFT p50 ms, {cn}: ours / llama.cpp server", o, p, "< 1x",
+            None if o is None or p is None else o < p)
+        add("batch-1 streaming decode tok/s: ours / llama.cpp server", ours["c1"]["median"]["decode_tok_s_p50"],
+            llama["c1"]["median"]["decode_tok_s_p50"], None, None)
+    return rows
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = ["== ours vs peers (medians over repetitions)"]
+    for row in rows:
+        verdict = "" if row["pass"] is None else ("PASS" if row["pass"] else "FAIL")
+        target = f"target {row['target']}" if row["target"] else ""
+        lines.append(f"{row['comparison']}: {num(row['ours'])} vs {num(row['peer'])} -> "
+                     f"ratio {num(row['ratio'])} {target} {verdict}".rstrip())
+    if not rows:
+        lines.append("(nothing to compare: ours and at least one peer must have run)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="GGUF file every peer loads")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=loadgen.parse_range, default=(128, 128))
+    p.add_argument("--output-tokens", type=loadgen.parse_range, default=(128, 128))
+    p.add_argument("--concurrency", type=int, default=32, help="clients of the concurrent workload")
+    p.add_argument("--c1-requests", type=int, default=4, help="requests of the one-client workload")
+    p.add_argument("--cn-requests", type=int, default=64, help="requests of the concurrent workload")
+    p.add_argument("--hf-batch", type=int, default=32, help="transformers batch size besides 1")
+    p.add_argument("--max-batch-size", type=int, default=32, help="our server's --max-batch-size")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="our --max-seq-len and llama.cpp's --n_ctx")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peers", nargs="+", default=["transformers", "ours", "llama.cpp"],
+                   choices=["transformers", "ours", "llama.cpp"])
+    p.add_argument("--ours-url", default=None, help="measure this running server instead of starting one")
+    p.add_argument("--llamacpp-python", default=None, help="python of a venv with llama-cpp-python[server]")
+    p.add_argument("--llamacpp-url", default=None, help="measure this running llama.cpp server instead")
+    p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "unset"],
+                   help="OMP_WAIT_POLICY of the PyTorch processes (ours and transformers)")
+    p.add_argument("--max-busy", type=float, default=0.15, help="warn when the CPU is busier than this before a run")
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument("--request-timeout", type=float, default=1800.0)
+    p.add_argument("--json", default=None, help="write every report, the ratios and the machine state here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.model = args.model.expanduser()
+    if not args.model.exists():
+        print(f"run_peers: no model at {args.model}", file=sys.stderr)
+        return 2
+    if args.prompt_tokens[0] != args.prompt_tokens[1] or args.output_tokens[0] != args.output_tokens[1]:
+        print("run_peers: use fixed prompt/output lengths so transformers runs the same workload", file=sys.stderr)
+        return 2
+    results: dict[str, Any] = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), **machine_load(0.5)},
+    }
+    runners = {"transformers": run_transformers, "ours": run_ours, "llama.cpp": run_llamacpp}
+    for peer in args.peers:
+        try:
+            results[peer] = runners[peer](args)
+        except (RuntimeError, OSError, httpx.HTTPError) as exc:
+            print(f"ERROR {peer}: {exc}", file=sys.stderr)
+            results[peer] = None
+    results["comparison"] = compare(results, args)
+    print(format_comparison(results["comparison"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
