@@ -10,6 +10,7 @@ import base64
 import codecs
 import json
 import re
+import struct
 import unicodedata
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -345,18 +346,23 @@ def bpe_from_vocab(
     id_bytes: list[bytes] = []
     specials: dict[str, int] = {}
     text_tokens: dict[str, int] = {}
-    normal: dict[str, int] = {}
+    normal: dict[str, int] = {}  # byte-level text -> id of the tokens BPE can produce
     for i, tok in enumerate(tokens):
         kind = types[i] if types is not None else _NORMAL
-        data = byte_level_bytes(tok) if kind == _NORMAL else None
-        if kind in (_CONTROL, _UNKNOWN):
-            specials[tok] = i
+        if kind == _NORMAL:
+            data = byte_level_bytes(tok)
+            if data is not None:
+                normal.setdefault(tok, i)
+            id_bytes.append(data if data is not None else tok.encode())  # not byte-level: never produced
         elif kind == _USER_DEFINED:
             text_tokens[tok] = i
-        elif data is not None:
-            normal.setdefault(tok, i)
-        byte = _byte_piece(tok) if kind == _BYTE else None
-        id_bytes.append(data if data is not None else byte if byte is not None else b"" if kind != _USER_DEFINED else tok.encode())
+            id_bytes.append(tok.encode())
+        elif kind == _BYTE:
+            id_bytes.append(_byte_piece(tok) or b"")
+        else:
+            if kind in (_CONTROL, _UNKNOWN):
+                specials[tok] = i
+            id_bytes.append(b"")
     singles = [i for i in normal.values() if len(id_bytes[i]) == 1]
     merged: list[int] = []
     seen: set[int] = set()
@@ -437,7 +443,76 @@ def tokenizer_from_gguf(reader: Any) -> Tokenizer:
 
 
 def _sentencepiece_from_gguf(reader: Any, tokens: list[str], types: Any, bos_id: Any, eos_id: Any) -> Tokenizer:
-    raise TokenizerError("GGUF SentencePiece ('llama') tokenizers are not supported yet")
+    """GGUF `llama` vocabularies (Llama 2, TinyLlama) are SentencePiece BPE models taken apart:
+    rebuild the model proto from pieces, scores and types so sentencepiece itself tokenizes."""
+    import sentencepiece
+
+    scores = _gguf_get(reader, "tokenizer.ggml.scores")
+    if scores is None or types is None:
+        raise TokenizerError("GGUF 'llama' tokenizer needs tokenizer.ggml.scores and token_type")
+    proto = sentencepiece_model_proto(
+        tokens,
+        scores,
+        types,
+        unk_id=_gguf_get(reader, "tokenizer.ggml.unknown_token_id", 0),
+        bos_id=-1 if bos_id is None else bos_id,
+        eos_id=-1 if eos_id is None else eos_id,
+        add_dummy_prefix=bool(_gguf_get(reader, "tokenizer.ggml.add_space_prefix", True)),
+        remove_extra_whitespaces=bool(_gguf_get(reader, "tokenizer.ggml.remove_extra_whitespaces", False)),
+    )
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as e:
+        raise TokenizerError(f"GGUF SentencePiece vocabulary rejected by sentencepiece: {e}") from e
+    return SentencePieceTokenizer(processor, "gguf-llama")
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int32 -> ten-byte two's complement, as protobuf does
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, value: int | float | bytes | str) -> bytes:
+    """One protobuf field: varint (int/bool), fixed32 (float) or length-delimited (bytes/str)."""
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def sentencepiece_model_proto(
+    pieces: Sequence[str],
+    scores: Sequence[float],
+    types: Sequence[int],
+    *,
+    unk_id: int,
+    bos_id: int,
+    eos_id: int,
+    add_dummy_prefix: bool = True,
+    remove_extra_whitespaces: bool = False,
+) -> bytes:
+    """A serialized sentencepiece ModelProto (BPE, identity normalizer) without the protobuf package.
+
+    Field numbers are those of sentencepiece_model.proto: ModelProto{pieces=1, trainer_spec=2,
+    normalizer_spec=3}, SentencePiece{piece=1, score=2, type=3}, TrainerSpec{model_type=3 (BPE=2),
+    vocab_size=4, byte_fallback=35, unk_id=40, bos_id=41, eos_id=42, pad_id=43},
+    NormalizerSpec{name=1, add_dummy_prefix=3, remove_extra_whitespaces=4, escape_whitespaces=5}.
+    """
+    out = bytearray()
+    for piece, score, kind in zip(pieces, scores, types, strict=True):
+        out += _field(1, _field(1, piece) + _field(2, float(score)) + _field(3, int(kind)))
+    trainer = _field(3, 2) + _field(4, len(pieces)) + _field(35, int(_BYTE in types))
+    trainer += _field(40, unk_id) + _field(41, bos_id) + _field(42, eos_id) + _field(43, -1)
+    normalizer = _field(1, "identity") + _field(3, int(add_dummy_prefix))
+    normalizer += _field(4, int(remove_extra_whitespaces)) + _field(5, 1)
+    return bytes(out + _field(2, trainer) + _field(3, normalizer))
 
 
 # ---- HF tokenizer.json ---------------------------------------------------------------------------

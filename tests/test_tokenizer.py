@@ -368,6 +368,8 @@ def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         byte_fallback=True,
         character_coverage=0.995,
         normalization_rule_name="identity",  # as Llama 2
+        remove_extra_whitespaces=False,
+        user_defined_symbols=["<tool>"],
         bos_id=1,
         eos_id=2,
         unk_id=0,
@@ -404,6 +406,33 @@ def test_sentencepiece_streaming_bytes_and_spaces(sp_model: Path) -> None:
     assert "".join(chunks) == " " + tok.decode(ids) and tok.decode(ids) == STREAM_TEXT
     word = tok.encode("the fox")
     assert "".join(stream(tok, word[1:])).startswith(" ")
+
+
+def test_sentencepiece_from_gguf(sp_model: Path, tmp_path: Path) -> None:
+    """A GGUF `llama` vocabulary (pieces, scores, types as llama.cpp writes them) == the original model."""
+    ref = spm.SentencePieceProcessor(model_file=str(sp_model))
+    n = ref.get_piece_size()
+    kinds = [2 if ref.is_unknown(i) else 3 if ref.is_control(i) else 6 if ref.is_byte(i) else 1 for i in range(n)]
+    kinds[ref.piece_to_id("<tool>")] = 4
+    writer = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([ref.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([ref.get_score(i) for i in range(n)])
+    writer.add_token_types(kinds)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_bool("tokenizer.ggml.add_space_prefix", True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tok = tokenizer_from_gguf(gguf.GGUFReader(tmp_path / "sp.gguf"))
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, n)
+    texts = corpus(800, seed=33) + ["a<tool>b"]
+    assert [t for t in texts if tok.encode(t) != ref.encode(t)] == []
+    ids = ref.encode(STREAM_TEXT)
+    assert tok.decode(ids) == ref.decode(ids) == STREAM_TEXT
 
 
 # ---- the protocol's shared behaviour -----------------------------------------------------------------
