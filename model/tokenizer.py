@@ -521,27 +521,29 @@ def sentencepiece_model_proto(
 def _hf_pattern(pre: dict[str, Any] | None) -> str:
     """The tiktoken pattern equal to an HF pre-tokenizer config; only shapes proven exact are accepted."""
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
-    shape = [s.get("type") for s in steps]
-    byte_level = steps[-1] if shape and shape[-1] == "ByteLevel" else None
-    if byte_level is not None and byte_level.get("add_prefix_space"):
-        raise TokenizerError("ByteLevel(add_prefix_space=True) pre-tokenizers are not supported")
-    if shape == ["ByteLevel"] and byte_level and byte_level.get("use_regex", True):
+    kinds = [step.get("type") for step in steps]
+    unsupported = TokenizerError(f"unsupported pre-tokenizer {json.dumps(pre)[:300]}")
+    if not kinds or kinds[-1] != "ByteLevel" or steps[-1].get("add_prefix_space"):
+        raise unsupported
+    uses_regex = steps[-1].get("use_regex", True)
+    if kinds == ["ByteLevel"] and uses_regex:
         return GPT2_PATTERN
-    if shape == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level and byte_level.get("use_regex", True):
+    if kinds == ["Digits", "ByteLevel"] and uses_regex and steps[0].get("individual_digits"):
         return SMOLLM_PATTERN
-    if shape == ["Split", "ByteLevel"] and byte_level and not byte_level.get("use_regex", True):
+    if kinds == ["Split", "ByteLevel"] and not uses_regex:
         split = steps[0]
         pattern = split.get("pattern", {}).get("Regex")
         if split.get("behavior") == "Isolated" and not split.get("invert") and pattern in (LLAMA3_PATTERN, QWEN2_PATTERN):
-            return pattern
-    raise TokenizerError(f"unsupported pre-tokenizer {json.dumps(pre)[:300]}")
+            return str(pattern)
+    raise unsupported
 
 
 def _hf_normalization(normalizer: dict[str, Any] | None) -> str | None:
+    """None or NFC (Qwen2); other normalizers are refused rather than approximated."""
     if normalizer is None or (normalizer.get("type") == "Sequence" and not normalizer.get("normalizers")):
         return None
-    if normalizer.get("type") in ("NFC", "NFKC", "NFD", "NFKD"):
-        return str(normalizer["type"])
+    if normalizer.get("type") == "NFC":
+        return "NFC"
     raise TokenizerError(f"unsupported normalizer {json.dumps(normalizer)[:200]}")
 
 

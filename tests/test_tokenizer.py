@@ -279,6 +279,7 @@ def test_hf_tokenizer_json_matches_tokenizers(name: str, tmp_path: Path) -> None
     tool = hf.token_to_id("<tool>")
     assert tok.encode("a<tool>", allow_special=False)[-1] == tool and tok.decode([tool]) == "<tool>"
     clean = corpus(200, seed=12, specials=False, missing=False)
+    assert [t for t in clean if tok.encode(t) != hf.encode(t, add_special_tokens=False).ids] == []
     assert [t for t in clean if tok.decode(tok.encode(t)) != hf.decode(hf.encode(t, add_special_tokens=False).ids)] == []
     ids = tok.encode(STREAM_TRAINED)
     chunks = stream(tok, ids)
@@ -300,10 +301,20 @@ def test_hf_ids_not_in_merge_order(tmp_path: Path) -> None:
     assert [t for t, w in zip(texts, want) if tok.encode(t, allow_special=True) != w] == []
 
 
-def test_hf_unsupported_pre_tokenizer_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("pre", "normalizer", "message"),
+    [
+        (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False), byte_level(True)]), None, "pre-tokenizer"),
+        (pre_tokenizers.ByteLevel(add_prefix_space=True), None, "pre-tokenizer"),
+        (byte_level(True), normalizers.NFKC(), "normalizer"),
+    ],
+)
+def test_hf_unsupported_configs_are_refused(pre, normalizer, message: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     hf = train_hf("gpt2")
-    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False), byte_level(True)])
-    with pytest.raises(TokenizerError, match="pre-tokenizer"):
+    hf.pre_tokenizer = pre
+    if normalizer is not None:
+        hf.normalizer = normalizer
+    with pytest.raises(TokenizerError, match=message):
         tokenizer_from_dir(save_hf(hf, tmp_path))
 
 
