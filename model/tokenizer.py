@@ -2,6 +2,12 @@
 
 Every tokenizer maps text to ids and ids to raw bytes. Decoding is bytes-first so that streaming can
 hold back an incomplete UTF-8 character instead of emitting U+FFFD.
+
+Implementations: `ByteTokenizer` (tests), `BPETokenizer` (byte-level BPE on tiktoken: Llama 3
+tokenizer.model, GGUF `gpt2` vocabularies, HF tokenizer.json) and `SentencePieceTokenizer` (Llama 2,
+TinyLlama; also GGUF `llama` vocabularies). Entry points for the checkpoint loader:
+`tokenizer_from_gguf(reader)` and `tokenizer_from_dir(path)`; both raise `TokenizerError` (a
+ValueError) for anything they cannot tokenize exactly.
 """
 
 from __future__ import annotations

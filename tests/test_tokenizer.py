@@ -135,6 +135,18 @@ def test_bad_input_gives_clear_errors(smollm2: BPETokenizer) -> None:
     assert smollm2.decode(smollm2.encode("a\ud800b")) == "a\ufffdb"  # lone surrogate, no crash
 
 
+def test_smollm2_as_tokenizer_json(smollm2_reader: gguf.GGUFReader, tmp_path: Path) -> None:
+    """The same 49k vocabulary through the HF tokenizer.json loader (SmolLM2's original format)."""
+    hf = hf_from_gguf(smollm2_reader, SMOLLM_PRE, specials=True)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    tok = tokenizer_from_dir(tmp_path)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (49152, 1, 2)
+    texts = corpus(500, seed=77)
+    want = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+    assert [t for t, w in zip(texts, want) if tok.encode(t, allow_special=True) != w] == []
+
+
 def test_smollm2_build_is_fast(smollm2_reader: gguf.GGUFReader) -> None:
     import time
 
