@@ -1,0 +1,56 @@
+"""Server settings: one pydantic-settings class, read from LLAMASERVE_* env vars and overridden by CLI flags."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything `llamaserve serve` can be told; each field is also `--flag-name` on the command line."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAMASERVE_", protected_namespaces=(), extra="ignore")
+
+    model: str | None = Field(None, description="checkpoint path (.gguf file, HF or Meta dir); default: the embedded SmolLM2")
+    served_model_name: str | None = Field(None, description="model id clients send and see (default: from the checkpoint)")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    max_batch_size: int = Field(8, ge=1, description="KV-cache slots: requests decoded together")
+    max_seq_len: int = Field(2048, ge=8, description="context length per slot (prompt + completion)")
+    max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 503")
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens per prefill step")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    chat_format: Literal["chatml", "llama3", "llama2"] | None = Field(None, description="override the detected chat format")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` (not on /health, /metrics)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated allowed CORS origins")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted (else 413)")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds to let running requests finish on shutdown")
+    warmup: bool = Field(True, description="run a short generation before reporting ready")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)

@@ -1,0 +1,129 @@
+"""The OpenAI error envelope, everywhere: `{"error": {"message", "type", "param", "code"}}`.
+
+Clients (the openai SDK above all) pick their exception class from the status and read this body, so
+every failure, including FastAPI's own 404/405/422 and unexpected crashes, leaves in this shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the client should see as it is (status, OpenAI type, param, code, extra headers)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def unavailable(message: str, *, code: str, retry_after: int = 1) -> APIError:
+    """503 with Retry-After: the SDK retries it, honouring the header."""
+    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": str(retry_after)})
+
+
+def internal_error() -> APIError:
+    return APIError(500, "The server had an error while processing your request.", type="server_error")
+
+
+def from_engine_error(exc: Exception) -> APIError | None:
+    """The APIError for an engine exception (overload, context overflow, bad ids); None if not one of them."""
+    from app.engine import ContextLengthExceeded, EngineOverloaded, InvalidRequest
+
+    if isinstance(exc, EngineOverloaded):
+        return unavailable(str(exc) or "The server is at capacity; retry shortly.", code="server_overloaded")
+    if isinstance(exc, ContextLengthExceeded):
+        total = exc.prompt_tokens + exc.max_tokens
+        return bad_request(
+            f"This model's maximum context length is {exc.max_context} tokens. However, you requested {total} "
+            f"tokens ({exc.prompt_tokens} in the prompt, {exc.max_tokens} in the completion). Please reduce the "
+            "length of the prompt or the completion.",
+            param="messages" if getattr(exc, "chat", False) else "prompt",
+            code="context_length_exceeded",
+        )
+    if isinstance(exc, InvalidRequest):
+        return bad_request(str(exc), param=getattr(exc, "param", None))
+    return None
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable line from pydantic's errors, and the offending parameter's dotted path."""
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request body.", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"We could not parse the JSON body of your request: {first.get('msg', 'invalid JSON')}.", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    messages = []
+    for err in errors[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        text = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        messages.append(f"{where}: {text}" if where else text)
+    return "Invalid request: " + "; ".join(messages), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error FastAPI/Starlette can raise into the envelope (never a 422, never a traceback)."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return bad_request(message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message, code = f"Invalid URL ({request.method} {request.url.path})", "unknown_url"
+        elif exc.status_code == 405:
+            message, code = f"Method {request.method} is not allowed for {request.url.path}", "method_not_allowed"
+        else:
+            message, code = str(exc.detail), None
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return APIError(exc.status_code, message, type=kind, code=code, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return internal_error().response()
