@@ -49,9 +49,13 @@ setup() {
         log "creating the virtual environment $VENV"
         "${PYTHON:-python3}" -m venv "$VENV"
     fi
+    if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        echo "error: $VENV has Python $("$PY" -V 2>&1); llamaserve needs >= 3.11 (set PYTHON=python3.11 and remove $VENV)" >&2
+        exit 1
+    fi
     local stamp="$VENV/.llamaserve-installed"
     local want
-    want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    want="$("$PY" -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')"
     if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
         install_torch
         log "installing llamaserve with its test extra (editable)"
