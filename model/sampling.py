@@ -1,0 +1,246 @@
+"""Next-token sampling for a batch of rows, each with its own parameters, in one batched pass.
+
+Order of operations (vLLM v1's): raw logits -> logprobs (of the raw logits) -> logit_bias and
+min_tokens suppression -> repetition penalty (HF: prompt + generated) -> presence / frequency penalties
+(OpenAI: generated only) -> temperature -> min_p -> top_k -> top_p -> one draw per row.
+
+Why the pieces look the way they do:
+- Per-slot state lives in tensors ([max_batch, vocab] counts, prompt mask, bias), updated with one
+  index_put_ per step, so no per-row Python loop ever touches the vocabulary.
+- A seeded row draws its one uniform per step from its own torch.Generator and picks the token by
+  inverse CDF over its filtered distribution, so its output does not depend on the other rows.
+- Work no row needs is skipped: the sort (top_p), the top-k threshold, penalties, logprobs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+LOGPROB_FLOOR = -9999.0  # logprobs are clamped here so JSON never carries -inf
+MAX_LOGPROBS = 5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    logprobs: int | None = None  # alternatives per token (0..5); None = no logprobs
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float  # finite (clamped at LOGPROB_FLOOR)
+    top: list[tuple[int, float]]  # the `logprobs` most likely (id, logprob), best first
+
+
+class SamplingParamError(ValueError):
+    """A sampling parameter out of range; `param` names the offending field (OpenAI's error.param)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def validate_sampling(params: SamplingParams, vocab_size: int) -> None:
+    """Raise SamplingParamError for any value the sampler cannot honour (checked before admission)."""
+
+    def check(ok: bool, param: str, message: str) -> None:
+        if not ok:
+            raise SamplingParamError(message, param)
+
+    def finite(value: float) -> bool:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+
+    p = params
+    check(finite(p.temperature) and 0.0 <= p.temperature <= 100.0, "temperature", "temperature must be in [0, 100]")
+    check(finite(p.top_p) and 0.0 < p.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
+    check(isinstance(p.top_k, int) and p.top_k >= -1, "top_k", "top_k must be -1 (off), 0 (off) or >= 1")
+    check(finite(p.min_p) and 0.0 <= p.min_p <= 1.0, "min_p", "min_p must be in [0, 1]")
+    check(finite(p.presence_penalty) and -2.0 <= p.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]")
+    check(finite(p.frequency_penalty) and -2.0 <= p.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]")
+    check(finite(p.repetition_penalty) and 0.0 < p.repetition_penalty <= 2.0, "repetition_penalty", "repetition_penalty must be in (0, 2]")
+    check(p.seed is None or isinstance(p.seed, int), "seed", "seed must be an integer")
+    check(
+        p.logprobs is None or (isinstance(p.logprobs, int) and 0 <= p.logprobs <= MAX_LOGPROBS),
+        "logprobs",
+        f"logprobs must be between 0 and {MAX_LOGPROBS}",
+    )
+    for token_id, bias in p.logit_bias.items():
+        check(isinstance(token_id, int) and 0 <= token_id < vocab_size, "logit_bias", f"logit_bias token id {token_id} is not in the vocabulary (0..{vocab_size - 1})")
+        check(finite(bias) and -100.0 <= bias <= 100.0, "logit_bias", f"logit_bias value for token {token_id} must be in [-100, 100]")
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None] | None  # per row; None when no row asked for logprobs
+
+
+class Sampler:
+    """Per-slot sampling state plus the batched sampling step. Not thread-safe: the engine thread owns it."""
+
+    def __init__(self, max_batch_size: int, vocab_size: int, device: torch.device | str = "cpu", seed: int | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        shape = (max_batch_size, vocab_size)
+        self.counts = torch.zeros(shape, dtype=torch.float32, device=device)  # generated-token counts
+        self.in_prompt = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.bias = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.suppress_ids = torch.zeros(shape, dtype=torch.bool, device=device)  # stop ids banned before min_tokens
+        self.params: list[SamplingParams] = [SamplingParams() for _ in range(max_batch_size)]
+        self.generators: list[torch.Generator | None] = [None] * max_batch_size
+        self.shared = torch.Generator(device=self.device)
+        self.shared.manual_seed(seed if seed is not None else torch.seed())
+        # Per-slot scalars as tensors, so a step gathers them with one index.
+        self.temperature = torch.ones(max_batch_size, device=device)
+        self.top_p = torch.ones(max_batch_size, device=device)
+        self.top_k = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        self.min_p = torch.zeros(max_batch_size, device=device)
+        self.presence = torch.zeros(max_batch_size, device=device)
+        self.frequency = torch.zeros(max_batch_size, device=device)
+        self.repetition = torch.ones(max_batch_size, device=device)
+
+    def set_slot(self, slot: int, params: SamplingParams, prompt_ids: Sequence[int], suppress_ids: Sequence[int] = ()) -> None:
+        """Give `slot` to a new request. Raises IndexError/ValueError for ids outside the vocabulary."""
+        self.params[slot] = params
+        self.counts[slot].zero_()
+        self.in_prompt[slot].zero_()
+        self.bias[slot].zero_()
+        self.suppress_ids[slot].zero_()
+        if params.repetition_penalty != 1.0:
+            self.in_prompt[slot, torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)] = True
+        if params.logit_bias:
+            ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=self.device)
+            self.bias[slot, ids] = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=self.device)
+        if suppress_ids:
+            self.suppress_ids[slot, torch.tensor(list(suppress_ids), dtype=torch.long, device=self.device)] = True
+        self.generators[slot] = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed % (1 << 63))
+            self.generators[slot] = generator
+        self.temperature[slot] = params.temperature if not params.greedy else 1.0
+        self.top_p[slot] = params.top_p
+        self.top_k[slot] = params.top_k if params.top_k > 0 else self.vocab_size
+        self.min_p[slot] = params.min_p
+        self.presence[slot] = params.presence_penalty
+        self.frequency[slot] = params.frequency_penalty
+        self.repetition[slot] = params.repetition_penalty
+
+    def sample(self, logits: torch.Tensor, slots: Sequence[int], suppress: Sequence[bool] | None = None) -> SampleOutput:
+        """Pick one token per row of `logits` (B, V) fp32; row b belongs to slot `slots[b]`.
+
+        `suppress[b]` bans the slot's suppress_ids (stop ids before min_tokens). Records the chosen
+        tokens in the penalty counts.
+        """
+        params = [self.params[s] for s in slots]
+        index = torch.tensor(list(slots), dtype=torch.long, device=logits.device)
+        want_logprobs = [p.logprobs for p in params]
+        logprobs = self._logprobs_of(logits, want_logprobs) if any(k is not None for k in want_logprobs) else None
+
+        x = self._penalised(logits, index, params, suppress)
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            chosen = x.argmax(dim=-1)
+        else:
+            chosen = self._draw(x, index, params, slots)
+            if any(greedy):
+                chosen = torch.where(torch.tensor(greedy, device=x.device), x.argmax(dim=-1), chosen)
+        self.counts.index_put_((index, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
+        token_ids = chosen.tolist()
+        return SampleOutput(token_ids, None if logprobs is None else logprobs(token_ids))
+
+    def _penalised(self, logits: torch.Tensor, index: torch.Tensor, params: list[SamplingParams], suppress: Sequence[bool] | None) -> torch.Tensor:
+        x = logits
+        if any(p.logit_bias for p in params):
+            x = x + self.bias[index]
+        if suppress is not None and any(suppress):
+            banned = self.suppress_ids[index] & torch.tensor(list(suppress), device=x.device)[:, None]
+            x = x.masked_fill(banned, -math.inf)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = self.in_prompt[index] | (self.counts[index] > 0)
+            penalty = self.repetition[index][:, None]
+            x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+            counts = self.counts[index]
+            x = x - counts * self.frequency[index][:, None] - (counts > 0).float() * self.presence[index][:, None]
+        return x
+
+    def _draw(self, x: torch.Tensor, index: torch.Tensor, params: list[SamplingParams], slots: Sequence[int]) -> torch.Tensor:
+        """Temperature, min_p, top_k, top_p, then one uniform per row through the inverse CDF."""
+        x = x / self.temperature[index][:, None]
+        if any(p.min_p > 0.0 for p in params):
+            probs = torch.softmax(x, dim=-1)
+            floor = probs.amax(dim=-1, keepdim=True) * self.min_p[index][:, None]
+            x = x.masked_fill(probs < floor, -math.inf)
+        if any(0 < p.top_k < self.vocab_size for p in params):
+            k_max = max(p.top_k for p in params if 0 < p.top_k < self.vocab_size)
+            k = self.top_k[index]
+            kth = x.topk(k_max, dim=-1).values.gather(1, (k.clamp(max=k_max) - 1)[:, None])
+            kth = kth.masked_fill(k[:, None] >= self.vocab_size, -math.inf)  # rows without top_k keep all
+            x = x.masked_fill(x < kth, -math.inf)
+        if any(p.top_p < 1.0 for p in params):
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            sorted_probs = torch.softmax(sorted_x, dim=-1)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop_sorted = mass_before > self.top_p[index][:, None]
+            x = x.masked_fill(drop_sorted.scatter(1, order, drop_sorted), -math.inf)
+        probs = torch.softmax(x, dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        uniform = torch.rand(len(slots), generator=self.shared, device=x.device)
+        for row, slot in enumerate(slots):
+            generator = self.generators[slot]
+            if generator is not None:
+                uniform[row] = torch.rand(1, generator=generator, device=x.device)[0]
+        target = uniform[:, None] * cdf[:, -1:]
+        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=self.vocab_size - 1)
+
+    def _logprobs_of(self, logits: torch.Tensor, wanted: list[int | None]):  # type: ignore[no-untyped-def]
+        """log_softmax of the raw logits; returns a function of the chosen ids -> per-row TokenLogprob."""
+        logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)
+        k = max(w or 0 for w in wanted)
+        top = logp.topk(k, dim=-1) if k > 0 else None
+        top_ids = top.indices.tolist() if top is not None else None
+        top_vals = top.values.tolist() if top is not None else None
+
+        def finish(token_ids: list[int]) -> list[TokenLogprob | None]:
+            chosen = logp.gather(1, torch.tensor(token_ids, device=logp.device)[:, None]).squeeze(1).tolist()
+            out: list[TokenLogprob | None] = []
+            for row, n in enumerate(wanted):
+                if n is None:
+                    out.append(None)
+                    continue
+                alternatives = list(zip(top_ids[row][:n], top_vals[row][:n])) if top_ids is not None else []
+                out.append(TokenLogprob(token_ids[row], chosen[row], alternatives))
+            return out
+
+        return finish
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: Sequence[int], k: int) -> list[TokenLogprob]:
+    """Logprobs of `next_ids[t]` under `logits[t]` (T, V), with the top k alternatives (echo + logprobs)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)
+    ids = torch.tensor(list(next_ids), dtype=torch.long, device=logp.device)
+    chosen = logp.gather(1, ids[:, None]).squeeze(1).tolist()
+    top_ids: list[list[int]] = [[] for _ in chosen]
+    top_vals: list[list[float]] = [[] for _ in chosen]
+    if k > 0:
+        top = logp.topk(k, dim=-1)
+        top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+    return [TokenLogprob(int(i), lp, list(zip(a, b))) for i, lp, a, b in zip(next_ids, chosen, top_ids, top_vals)]
