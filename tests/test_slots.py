@@ -1,0 +1,107 @@
+"""Per-row KV slots: a batch of requests decodes exactly as each request alone, and reused slots are clean.
+
+The oracle for "alone" is a fresh model (same weights) that has only ever seen that one prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_weights
+from model.llama import Transformer
+from tests.conftest import tiny_model
+from tests.test_oracle import GOLDEN_PROMPT
+
+STEPS = 12
+
+
+def decode_alone(model: Transformer, prompt: list[int], steps: int, slot: int = 0) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the logits of each step for one prompt in one slot."""
+    slots = torch.tensor([slot])
+    logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], slots)
+    tokens, all_logits = [], []
+    for i in range(steps):
+        all_logits.append(logits[0])
+        tokens.append(int(logits[0].argmax()))
+        logits = model(torch.tensor([[tokens[-1]]]), torch.tensor([[len(prompt) + i]]), slots)
+    return tokens, torch.stack(all_logits)
+
+
+def decode_batched(
+    model: Transformer, prompts: list[list[int]], slots: list[int] | None, steps: int
+) -> tuple[list[list[int]], torch.Tensor]:
+    """All prompts in one batch: one right-padded prefill, then one decode row per request per step.
+
+    Padding writes junk keys past a short prompt's end; each decode step overwrites its own position
+    before reading it, and no query reads past its own position, so the junk is never seen.
+    """
+    batch, width = len(prompts), max(map(len, prompts))
+    lengths = torch.tensor([len(p) for p in prompts])
+    tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    slot_tensor = None if slots is None else torch.tensor(slots)
+    logits = model(tokens, torch.arange(width).repeat(batch, 1), slot_tensor, all_logits=True)
+    logits = logits[torch.arange(batch), lengths - 1]
+    out: list[list[int]] = [[] for _ in prompts]
+    all_logits = []
+    for i in range(steps):
+        all_logits.append(logits)
+        step = logits.argmax(-1)
+        for row, token in zip(out, step.tolist()):
+            row.append(token)
+        logits = model(step[:, None], (lengths + i)[:, None], slot_tensor)
+    return out, torch.stack(all_logits, dim=1)
+
+
+def prompts_of_lengths(lengths: list[int], vocab: int = 256, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def test_batch_of_eight_matches_each_alone() -> None:
+    prompts = prompts_of_lengths([1, 7, 3, 20, 12, 5, 16, 9])
+    slots = [5, 2, 7, 0, 3, 6, 1, 4]  # not the identity: rows gather their own slot
+    batched, batched_logits = decode_batched(tiny_model(max_batch_size=8), prompts, slots, STEPS)
+    for row, prompt in enumerate(prompts):
+        alone, alone_logits = decode_alone(tiny_model(max_batch_size=1), prompt, STEPS)
+        assert batched[row] == alone, f"row {row} (prompt length {len(prompt)})"
+        torch.testing.assert_close(batched_logits[row], alone_logits, atol=1e-4, rtol=0)
+
+
+def test_implicit_slots_match_explicit_slots() -> None:
+    prompts = prompts_of_lengths([4, 11, 2, 8], seed=1)
+    implicit, _ = decode_batched(tiny_model(max_batch_size=4), prompts, None, STEPS)
+    explicit, _ = decode_batched(tiny_model(max_batch_size=4), prompts, [0, 1, 2, 3], STEPS)
+    alone = [decode_alone(tiny_model(max_batch_size=1), p, STEPS)[0] for p in prompts]
+    assert implicit == explicit == alone
+
+
+def test_reused_slot_ignores_its_previous_contents() -> None:
+    long_prompt, short_prompt = prompts_of_lengths([60, 5], seed=2)
+    model = tiny_model(max_batch_size=2)
+    decode_alone(model, long_prompt, STEPS, slot=1)  # fills slot 1 up to position 71, then is "freed"
+    reused, reused_logits = decode_alone(model, short_prompt, STEPS, slot=1)
+    fresh, fresh_logits = decode_alone(tiny_model(max_batch_size=1), short_prompt, STEPS)
+    assert reused == fresh
+    torch.testing.assert_close(reused_logits, fresh_logits, atol=1e-5, rtol=0)
+
+
+def test_reused_slot_next_to_a_running_request() -> None:
+    """A new request takes a freed slot while another keeps decoding in the same batch."""
+    first, second, third = prompts_of_lengths([30, 6, 9], seed=3)
+    model = tiny_model(max_batch_size=2)
+    decode_batched(model, [first, second], [0, 1], STEPS)  # both slots now full of old keys
+    batched, _ = decode_batched(model, [third, first], [1, 0], STEPS)  # slot 1 reused by `third`
+    assert batched[0] == decode_alone(tiny_model(max_batch_size=1), third, STEPS)[0]
+    assert batched[1] == decode_alone(tiny_model(max_batch_size=1), first, STEPS)[0]
+
+
+def test_real_model_batched_matches_alone(smollm2_path: Path) -> None:
+    """SmolLM2 in float32: three prompts together in slots 0-2, each alone in an untouched slot 3-5."""
+    model = load_weights(smollm2_path, max_batch_size=6, max_seq_len=64).model
+    prompts = [GOLDEN_PROMPT, GOLDEN_PROMPT[:9], GOLDEN_PROMPT[3:]]
+    batched, _ = decode_batched(model, prompts, [2, 0, 1], 5)
+    for row, prompt in enumerate(prompts):
+        assert batched[row] == decode_alone(model, prompt, 5, slot=3 + row)[0], f"row {row}"
+    assert batched[0][:5] == [504, 3575, 282, 4649, 314]  # default-model.md golden tokens
