@@ -154,17 +154,34 @@ class Sampler:
         want_logprobs = [p.logprobs for p in params]
         logprobs = self._logprobs_of(logits, want_logprobs) if any(k is not None for k in want_logprobs) else None
 
-        x = self._penalised(logits, index, params, suppress)
+        x = self.processed_logits(logits, slots, suppress, params=params, index=index)
         greedy = [p.greedy for p in params]
-        if all(greedy):
-            chosen = x.argmax(dim=-1)
-        else:
-            chosen = self._draw(x, index, params, slots)
-            if any(greedy):
-                chosen = torch.where(torch.tensor(greedy, device=x.device), x.argmax(dim=-1), chosen)
+        chosen = x.argmax(dim=-1)
+        if not all(greedy):
+            drawn = self._draw(x, slots)
+            chosen = torch.where(torch.tensor(greedy, device=x.device), chosen, drawn)
         self.counts.index_put_((index, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
         token_ids = chosen.tolist()
         return SampleOutput(token_ids, None if logprobs is None else logprobs(token_ids))
+
+    def processed_logits(
+        self,
+        logits: torch.Tensor,
+        slots: Sequence[int],
+        suppress: Sequence[bool] | None = None,
+        *,
+        params: list[SamplingParams] | None = None,
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits after bias, penalties, temperature and filters (-inf = filtered out).
+
+        Their softmax is the distribution a non-greedy row samples from; their argmax is what a greedy
+        row picks (no filter ever removes the best token, and greedy rows use temperature 1).
+        """
+        params = params if params is not None else [self.params[s] for s in slots]
+        index = index if index is not None else torch.tensor(list(slots), dtype=torch.long, device=logits.device)
+        x = self._penalised(logits, index, params, suppress)
+        return x if all(p.greedy for p in params) else self._filtered(x, index, params)
 
     def _penalised(self, logits: torch.Tensor, index: torch.Tensor, params: list[SamplingParams], suppress: Sequence[bool] | None) -> torch.Tensor:
         x = logits
@@ -182,8 +199,8 @@ class Sampler:
             x = x - counts * self.frequency[index][:, None] - (counts > 0).float() * self.presence[index][:, None]
         return x
 
-    def _draw(self, x: torch.Tensor, index: torch.Tensor, params: list[SamplingParams], slots: Sequence[int]) -> torch.Tensor:
-        """Temperature, min_p, top_k, top_p, then one uniform per row through the inverse CDF."""
+    def _filtered(self, x: torch.Tensor, index: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Temperature, then min_p, top_k, top_p (each only when some row uses it)."""
         x = x / self.temperature[index][:, None]
         if any(p.min_p > 0.0 for p in params):
             probs = torch.softmax(x, dim=-1)
@@ -201,6 +218,10 @@ class Sampler:
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             drop_sorted = mass_before > self.top_p[index][:, None]
             x = x.masked_fill(drop_sorted.scatter(1, order, drop_sorted), -math.inf)
+        return x
+
+    def _draw(self, x: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """One uniform per row (the slot's own generator when seeded) through the inverse CDF."""
         probs = torch.softmax(x, dim=-1)
         cdf = probs.cumsum(dim=-1)
         uniform = torch.rand(len(slots), generator=self.shared, device=x.device)

@@ -1,0 +1,240 @@
+"""Sampler: every filter and penalty against an independent reference (transformers' logits processors
+or numpy math written out here), seeded determinism, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from model.sampling import LOGPROB_FLOOR, Sampler, SamplingParamError, SamplingParams, prompt_logprobs, validate_sampling
+
+V = 64
+
+
+def random_logits(rows: int, seed: int = 0, vocab: int = V) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, vocab, generator=g) * 3
+
+
+def force(sampler: Sampler, slot: int, tokens: list[int]) -> None:
+    """Make `slot` generate exactly `tokens` (a huge logit on each), so its penalty counts hold them."""
+    for t in tokens:
+        logits = torch.zeros(1, sampler.vocab_size)
+        logits[0, t] = 1e4
+        assert sampler.sample(logits, [slot]).token_ids == [t]
+
+
+def hf_reference(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """transformers' warpers in vLLM's order: temperature, min_p, top_k, top_p."""
+    x = logits[None].clone()
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    x = TemperatureLogitsWarper(p.temperature)(ids, x)
+    if p.min_p > 0:
+        x = MinPLogitsWarper(p.min_p, min_tokens_to_keep=1)(ids, x)
+    if p.top_k > 0:
+        x = TopKLogitsWarper(p.top_k)(ids, x)
+    if p.top_p < 1:
+        x = TopPLogitsWarper(p.top_p)(ids, x)
+    return x[0]
+
+
+def test_greedy_is_argmax() -> None:
+    sampler = Sampler(3, V)
+    for slot in range(3):
+        sampler.set_slot(slot, SamplingParams(temperature=0), [1])
+    logits = random_logits(3)
+    assert sampler.sample(logits, [0, 1, 2]).token_ids == logits.argmax(-1).tolist()
+
+
+FILTER_CASES = [
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.3, top_p=0.6),
+    SamplingParams(temperature=1.0, min_p=0.1),
+    SamplingParams(temperature=0.5, top_k=10, top_p=0.9, min_p=0.02),
+    SamplingParams(temperature=2.0),
+]
+
+
+def test_filters_match_transformers_in_one_mixed_batch() -> None:
+    sampler = Sampler(len(FILTER_CASES), V)
+    for slot, p in enumerate(FILTER_CASES):
+        sampler.set_slot(slot, p, [1])
+    logits = random_logits(len(FILTER_CASES), seed=1)
+    ours = sampler.processed_logits(logits, list(range(len(FILTER_CASES))))
+    for row, p in enumerate(FILTER_CASES):
+        ref = hf_reference(logits[row], p)
+        assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(ref)), p
+        torch.testing.assert_close(torch.softmax(ours[row], -1), torch.softmax(ref, -1), atol=1e-6, rtol=1e-5)
+
+
+def test_repetition_penalty_matches_transformers_on_prompt_and_generated() -> None:
+    sampler = Sampler(2, V)
+    prompt = [3, 7, 7, 20]
+    sampler.set_slot(1, SamplingParams(temperature=0, repetition_penalty=1.3), prompt)
+    force(sampler, 1, [5, 40])
+    logits = random_logits(1, seed=2)
+    ours = sampler.processed_logits(logits, [1])
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + [5, 40]]), logits.clone())
+    torch.testing.assert_close(ours, ref)
+
+
+def test_presence_and_frequency_penalties_on_generated_tokens_only() -> None:
+    sampler = Sampler(1, V)
+    sampler.set_slot(0, SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.3), [9, 9, 9])
+    generated = [4, 4, 11]
+    force(sampler, 0, generated)
+    logits = random_logits(1, seed=3)
+    ours = sampler.processed_logits(logits, [0])[0].numpy()
+    counts = np.bincount(generated, minlength=V).astype(np.float32)
+    expected = logits[0].numpy() - 0.3 * counts - 0.5 * (counts > 0)
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+    assert ours[9] == logits[0, 9].item()  # prompt tokens are not penalised (OpenAI semantics)
+
+
+def test_logit_bias_moves_greedy_choice_and_other_rows_are_untouched() -> None:
+    sampler = Sampler(2, V)
+    logits = random_logits(2, seed=4)
+    weakest = int(logits[0].argmin())
+    sampler.set_slot(0, SamplingParams(temperature=0, logit_bias={weakest: 100.0}), [1])
+    sampler.set_slot(1, SamplingParams(temperature=0), [1])
+    out = sampler.sample(logits, [0, 1]).token_ids
+    assert out == [weakest, int(logits[1].argmax())]
+
+
+def test_suppressed_ids_are_never_chosen() -> None:
+    sampler = Sampler(2, V)
+    logits = random_logits(2, seed=5)
+    best = int(logits[0].argmax())
+    sampler.set_slot(0, SamplingParams(temperature=0), [1], suppress_ids=[best])
+    assert sampler.sample(logits[:1], [0], suppress=[True]).token_ids != [best]
+    assert sampler.sample(logits[:1], [0], suppress=[False]).token_ids == [best]
+
+
+def test_sampling_follows_the_distribution() -> None:
+    rows = 4000
+    sampler = Sampler(rows, 6, seed=123)
+    p = SamplingParams(temperature=1.0, top_k=4)
+    for slot in range(rows):
+        sampler.set_slot(slot, p, [0])
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
+    drawn = sampler.sample(base.expand(rows, 6).clone(), list(range(rows))).token_ids
+    freq = np.bincount(drawn, minlength=6) / rows
+    expected = torch.softmax(hf_reference(base, p), -1).numpy()
+    np.testing.assert_allclose(freq, expected, atol=0.03)
+    assert freq[4] == 0 and freq[3] == 0  # outside the top 4
+
+
+def seeded_run(slot: int, others: int, seed: int, steps: int = 20) -> list[int]:
+    """Draw `steps` tokens for a seeded request in `slot`, next to `others` unseeded rows."""
+    sampler = Sampler(8, V)
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
+    sampler.set_slot(slot, p, [1])
+    neighbours = [s for s in range(8) if s != slot][:others]
+    for s in neighbours:
+        sampler.set_slot(s, SamplingParams(temperature=0.8, top_k=7), [2])
+    slots = sorted(neighbours + [slot])
+    out = []
+    for step in range(steps):
+        logits = random_logits(len(slots), seed=100 + step)
+        logits[slots.index(slot)] = random_logits(1, seed=step)[0]  # our row's logits depend on the step only
+        out.append(sampler.sample(logits, slots).token_ids[slots.index(slot)])
+    return out
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch() -> None:
+    alone = seeded_run(slot=0, others=0, seed=42)
+    assert seeded_run(slot=5, others=4, seed=42) == alone
+    assert seeded_run(slot=2, others=7, seed=42) == alone
+    assert seeded_run(slot=0, others=0, seed=43) != alone
+    assert len(set(alone)) > 3  # really sampled, not greedy
+
+
+def logsoftmax_np(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def test_logprobs_are_raw_log_softmax_with_sorted_alternatives() -> None:
+    sampler = Sampler(3, V)
+    sampler.set_slot(0, SamplingParams(temperature=0.5, presence_penalty=1.0, logprobs=3), [1])
+    sampler.set_slot(1, SamplingParams(temperature=0), [1])  # no logprobs
+    sampler.set_slot(2, SamplingParams(temperature=0, logprobs=5), [1])
+    logits = random_logits(3, seed=6)
+    logits[2, 2:] = -math.inf  # only two finite tokens: the other alternatives must come out finite
+    out = sampler.sample(logits, [0, 1, 2])
+    assert out.logprobs is not None and out.logprobs[1] is None
+    ref = logsoftmax_np(logits.numpy())
+    first = out.logprobs[0]
+    assert first.token_id == out.token_ids[0]
+    assert first.logprob == pytest.approx(ref[0, first.token_id], abs=1e-5)
+    assert [t for t, _ in first.top] == list(np.argsort(-ref[0])[:3])
+    assert [lp for _, lp in first.top] == sorted((lp for _, lp in first.top), reverse=True)
+    np.testing.assert_allclose([lp for _, lp in first.top], np.sort(ref[0])[::-1][:3], atol=1e-5)
+    third = out.logprobs[2]
+    assert third.token_id == int(logits[2].argmax())
+    assert [lp for _, lp in third.top][2:] == [LOGPROB_FLOOR] * 3
+    assert all(math.isfinite(lp) for _, lp in third.top) and len(third.top) == 5
+
+
+def test_prompt_logprobs_are_finite_and_match_reference() -> None:
+    logits = random_logits(4, seed=7)
+    logits[1, 9] = -math.inf
+    entries = prompt_logprobs(logits, [3, 9, 4, 60], k=2)
+    ref = logsoftmax_np(logits.numpy())
+    assert [e.token_id for e in entries] == [3, 9, 4, 60]
+    assert entries[1].logprob == LOGPROB_FLOOR
+    for row, e in enumerate(entries):
+        assert math.isfinite(e.logprob)
+        if row != 1:
+            assert e.logprob == pytest.approx(ref[row, e.token_id], abs=1e-5)
+        assert [t for t, _ in e.top] == list(np.argsort(-ref[row])[:2])
+
+
+@pytest.mark.parametrize(
+    "params, param",
+    [
+        (SamplingParams(temperature=-0.1), "temperature"),
+        (SamplingParams(temperature=float("nan")), "temperature"),
+        (SamplingParams(top_p=0.0), "top_p"),
+        (SamplingParams(top_k=-2), "top_k"),
+        (SamplingParams(min_p=1.5), "min_p"),
+        (SamplingParams(presence_penalty=2.5), "presence_penalty"),
+        (SamplingParams(frequency_penalty=-3), "frequency_penalty"),
+        (SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+        (SamplingParams(logprobs=6), "logprobs"),
+        (SamplingParams(logit_bias={V: 1.0}), "logit_bias"),
+        (SamplingParams(logit_bias={1: 101.0}), "logit_bias"),
+    ],
+)
+def test_validation_names_the_parameter(params: SamplingParams, param: str) -> None:
+    with pytest.raises(SamplingParamError) as info:
+        validate_sampling(params, V)
+    assert info.value.param == param
+    validate_sampling(SamplingParams(), V)
+
+
+def test_large_vocab_greedy_batch_skips_filters_and_is_fast_enough() -> None:
+    """A greedy-only batch must not sort the vocabulary (the common serving case)."""
+    sampler = Sampler(8, 49152)
+    for slot in range(8):
+        sampler.set_slot(slot, SamplingParams(temperature=0), [1])
+    logits = random_logits(8, vocab=49152)
+    calls = []
+    original = torch.Tensor.sort
+    torch.Tensor.sort = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
+    try:
+        out = sampler.sample(logits, list(range(8)))
+    finally:
+        torch.Tensor.sort = original  # type: ignore[method-assign]
+    assert out.token_ids == logits.argmax(-1).tolist() and not calls
