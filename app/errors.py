@@ -62,10 +62,12 @@ def internal_error() -> APIError:
     return APIError(500, "The server had an error while processing your request.", type="server_error")
 
 
-def from_engine_error(exc: Exception) -> APIError | None:
+def from_engine_error(exc: Exception, *, prompt_param: str = "prompt") -> APIError | None:
     """The APIError for an engine exception (overload, context overflow, bad ids); None if not one of them."""
-    from app.engine import ContextLengthExceeded, EngineOverloaded, InvalidRequest
+    from app.engine import ContextLengthExceeded, EngineDraining, EngineOverloaded, InvalidRequest
 
+    if isinstance(exc, EngineDraining):
+        return unavailable("The server is shutting down.", code="server_draining", retry_after=5)
     if isinstance(exc, EngineOverloaded):
         return unavailable(str(exc) or "The server is at capacity; retry shortly.", code="server_overloaded")
     if isinstance(exc, ContextLengthExceeded):
@@ -74,11 +76,12 @@ def from_engine_error(exc: Exception) -> APIError | None:
             f"This model's maximum context length is {exc.max_context} tokens. However, you requested {total} "
             f"tokens ({exc.prompt_tokens} in the prompt, {exc.max_tokens} in the completion). Please reduce the "
             "length of the prompt or the completion.",
-            param="messages" if getattr(exc, "chat", False) else "prompt",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     if isinstance(exc, InvalidRequest):
-        return bad_request(str(exc), param=getattr(exc, "param", None))
+        param = getattr(exc, "param", None)
+        return bad_request(str(exc), param="messages" if param == "prompt" and prompt_param == "messages" else param)
     return None
 
 

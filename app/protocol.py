@@ -7,13 +7,17 @@ the engine. Unknown request fields are ignored, as vLLM does, so vendor-specific
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
+from model.tokenizer import IncrementalDetokenizer, Tokenizer
+
 MAX_STOP_STRINGS = 4
+LOGPROB_FLOOR = -9999.0  # what JSON gets instead of -inf (vLLM's choice; the engine clamps there too)
 
 
 class _Request(BaseModel):
@@ -322,3 +326,104 @@ class DetokenizeRequest(_Request):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# ------------------------------------------------------------------------------------------------
+# Logprobs in the two wire shapes
+# ------------------------------------------------------------------------------------------------
+
+
+def safe_logprob(value: float) -> float:
+    """JSON has no -inf or NaN: clamp as vLLM does."""
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+class TokenTexts:
+    """Token id -> the string clients see: control tokens by name, split UTF-8 as `bytes:\\xNN` (OpenAI's form)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.specials = {i: text for text, i in tokenizer.special_tokens.items()}
+
+    def raw(self, token_id: int) -> bytes:
+        special = self.specials.get(token_id)
+        return special.encode() if special is not None else self.tokenizer.token_bytes(token_id)
+
+    def text(self, token_id: int) -> str:
+        raw = self.raw(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class LegacyLogprobs:
+    """Builds legacy completion logprobs chunk by chunk, keeping text_offset running across chunks.
+
+    text_offset is the character offset of each token in the returned text (with echo, from the start
+    of the prompt), counted on complete characters as the detokenizer emits them.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, offset: int = 0) -> None:
+        self.names = TokenTexts(tokenizer)
+        self.tokenizer = tokenizer
+        self.offset = offset
+        self._detok = IncrementalDetokenizer(tokenizer)
+
+    def prompt(self, prompt_ids: list[int], entries: list[Any] | None, echo_len: int) -> CompletionLogprobs:
+        """The echoed prompt's logprobs (entry 0 and any missing entry null); offsets restart after it."""
+        out = CompletionLogprobs()
+        detok, offset = IncrementalDetokenizer(self.tokenizer), 0
+        entries = entries or []
+        for k, token_id in enumerate(prompt_ids):
+            entry = entries[k] if k < len(entries) else None
+            self._append(out, token_id, entry, offset)
+            offset += len(detok.push(token_id))
+        self.offset = echo_len
+        return out
+
+    def take(self, entries: list[Any]) -> CompletionLogprobs:
+        """Logprobs of newly generated tokens (engine TokenLogprob objects)."""
+        out = CompletionLogprobs()
+        for entry in entries:
+            self._append(out, entry.token_id, entry, self.offset)
+            self.offset += len(self._detok.push(entry.token_id))
+        return out
+
+    def _append(self, out: CompletionLogprobs, token_id: int, entry: Any, offset: int) -> None:
+        out.tokens.append(self.names.text(token_id))
+        out.text_offset.append(offset)
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            return
+        chosen = safe_logprob(entry.logprob)
+        top = {self.names.text(t): safe_logprob(lp) for t, lp in entry.top}
+        top.setdefault(self.names.text(token_id), chosen)  # the chosen token is always listed
+        out.token_logprobs.append(chosen)
+        out.top_logprobs.append(top)
+
+
+def merge_logprobs(*parts: CompletionLogprobs) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for part in parts:
+        out.tokens += part.tokens
+        out.token_logprobs += part.token_logprobs
+        out.top_logprobs += part.top_logprobs
+        out.text_offset += part.text_offset
+    return out
+
+
+def chat_logprobs(tokenizer: Tokenizer, entries: list[Any], top_n: int) -> list[TokenLogprobEntry]:
+    """Chat-shaped logprobs: token, logprob, bytes, and the top_n alternatives."""
+    names = TokenTexts(tokenizer)
+
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        return {"token": names.text(token_id), "logprob": safe_logprob(logprob), "bytes": list(names.raw(token_id))}
+
+    return [
+        TokenLogprobEntry(
+            **item(e.token_id, e.logprob), top_logprobs=[TopLogprob(**item(t, lp)) for t, lp in e.top[:top_n]]
+        )
+        for e in entries
+    ]
