@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +95,24 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+@dataclass
+class Served:
+    """A server under test: where it listens and, when we started it, a check that it still runs."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            log = tail(self.log) if self.log else ""
+            raise RuntimeError(f"{self.name} server died (exit code {self.proc.returncode}); log tail:\n{log}")
+
+
 @contextmanager
-def server(name: str, cmd: list[str], port: int, env: dict[str, str], ready_timeout: float) -> Iterator[str]:
-    """Start a server process, yield its base URL once ready, stop it (by its own pid) afterwards."""
+def server(name: str, cmd: list[str], port: int, env: dict[str, str], ready_timeout: float) -> Iterator[Served]:
+    """Start a server process, yield it once ready, stop it (by its own pid) afterwards."""
     log = Path(tempfile.gettempdir()) / f"run_peers-{name}-{port}.log"
     print(f"starting {name}: {' '.join(cmd)}  (log: {log})")
     with open(log, "wb") as out:
@@ -106,7 +122,7 @@ def server(name: str, cmd: list[str], port: int, env: dict[str, str], ready_time
         started = time.monotonic()
         wait_ready(base_url, proc, log, ready_timeout)
         print(f"{name} ready after {time.monotonic() - started:.1f} s")
-        yield base_url
+        yield Served(name, base_url, proc, log)
     finally:
         proc.terminate()
         try:
@@ -132,12 +148,14 @@ def workloads(args: argparse.Namespace) -> dict[str, Workload]:
     }
 
 
-def measure_server(name: str, base_url: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure_server(served: Served, args: argparse.Namespace) -> dict[str, Any]:
     """Every workload, --repeats times each, against one running server."""
+    name, base_url = served.name, served.url
     results: dict[str, Any] = {}
     for key, workload in workloads(args).items():
         reps = []
         for rep in range(args.repeats):
+            served.check_alive()
             load = check_quiet(f"{name} {key} #{rep + 1}", args.max_busy)
             # A different seed per repetition: fresh prompts, no prefix-cache hits across repetitions.
             w = Workload(**{**workload.__dict__, "seed": workload.seed + rep})
@@ -145,6 +163,7 @@ def measure_server(name: str, base_url: str, args: argparse.Namespace) -> dict[s
                                                  timeout=args.request_timeout, warmup=1))
             report["machine_before"] = load
             print(loadgen.format_report(report))
+            served.check_alive()  # a crash shows up as connection errors: say what really happened
             reps.append(report)
         results[key] = {"median": median_report(reps), "runs": reps}
     return results
@@ -193,13 +212,13 @@ def run_transformers(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     if args.ours_url:
-        return measure_server("ours", args.ours_url.rstrip("/"), args)
+        return measure_server(Served("ours", args.ours_url.rstrip("/")), args)
     port = free_port()
     cmd = [sys.executable, "-m", "app", "--model", str(args.model), "--host", "127.0.0.1", "--port", str(port),
            "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
            "--max-seq-len", str(args.max_seq_len)]
-    with server("ours", cmd, port, torch_env(args), args.ready_timeout) as url:
-        return measure_server("ours", url, args)
+    with server("ours", cmd, port, torch_env(args), args.ready_timeout) as served:
+        return measure_server(served, args)
 
 
 def llamacpp_usable(python: str) -> str | None:
@@ -215,7 +234,7 @@ def llamacpp_usable(python: str) -> str | None:
 
 def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.llamacpp_url:
-        return measure_server("llama.cpp", args.llamacpp_url.rstrip("/"), args)
+        return measure_server(Served("llama.cpp", args.llamacpp_url.rstrip("/")), args)
     if not args.llamacpp_python:
         print("SKIP llama.cpp: pass --llamacpp-python PATH (python of a venv with llama-cpp-python[server]) "
               "or --llamacpp-url URL")
@@ -229,8 +248,8 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
            "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
            "--n_ctx", str(args.max_seq_len)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    with server("llama.cpp", cmd, port, env, args.ready_timeout) as url:
-        return measure_server("llama.cpp", url, args)
+    with server("llama.cpp", cmd, port, env, args.ready_timeout) as served:
+        return measure_server(served, args)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -220,3 +222,13 @@ def test_run_peers_skips_llamacpp_without_python(tmp_path, capsys) -> None:  # t
     assert run_peers.main(["--model", str(model), "--peers", "llama.cpp", "--llamacpp-python", str(missing)]) == 0
     assert f"SKIP llama.cpp: {missing} does not exist" in capsys.readouterr().out
     assert run_peers.main(["--model", str(tmp_path / "absent.gguf")]) == 2
+
+
+def test_a_dead_server_is_reported_with_its_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", "print('segfault in mul_mat'); raise SystemExit(3)"], stdout=out)
+    proc.wait()
+    with pytest.raises(RuntimeError, match=r"(?s)died \(exit code 3\).*segfault in mul_mat"):
+        run_peers.Served("peer", "http://127.0.0.1:1", proc, log).check_alive()
+    run_peers.Served("peer", "http://127.0.0.1:1").check_alive()  # not ours to watch: no error
