@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -232,3 +233,24 @@ def test_a_dead_server_is_reported_with_its_log(tmp_path) -> None:  # type: igno
     with pytest.raises(RuntimeError, match=r"(?s)died \(exit code 3\).*segfault in mul_mat"):
         run_peers.Served("peer", "http://127.0.0.1:1", proc, log).check_alive()
     run_peers.Served("peer", "http://127.0.0.1:1").check_alive()  # not ours to watch: no error
+
+
+def test_hf_generate_timings_on_a_tiny_transformers_model() -> None:
+    """The baseline counts exactly the asked-for tokens, even when EOS would come first."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench import hf_generate
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=0, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # all logits 0: greedy picks id 0 = EOS, so plain generate stops at once
+        model.model.norm.weight.zero_()
+    ids = torch.randint(1, 64, (1, 5))
+    assert model.generate(ids, max_new_tokens=6, do_sample=False).shape[1] == 6
+    stream = hf_generate.measure_stream(model, ids, 6)
+    assert stream["ttft_s"] > 0 and stream["decode_tok_s"] > 0 and stream["e2e_s"] >= stream["ttft_s"]
+    batch = hf_generate.measure_batch(model, torch.randint(1, 64, (3, 5)), 4)
+    assert batch["output_tokens"] == 12
+    assert batch["output_tok_s"] == pytest.approx(12 / batch["seconds"])
