@@ -7,6 +7,7 @@ weights instead of parsing and dequantising again, and the first start never hol
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -24,7 +25,7 @@ from model.args import ModelArgs, RopeScaling
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "1"  # bump when the cached layout changes so old caches are ignored
+CACHE_FORMAT = "2"  # bump when the cached layout changes so old caches are ignored
 
 # GGUF tensor name -> our parameter name ({i} is the layer index).
 _GLOBAL_NAMES = {
@@ -215,22 +216,74 @@ def read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
 
 
+class CachedField:
+    """One GGUF metadata value read back from the cache; `.contents()` like gguf's ReaderField."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def contents(self) -> Any:
+        return self.value
+
+
+class CachedReader:
+    """Stands in for gguf.GGUFReader on a warm start: `.fields[key].contents()` only (what the
+    tokenizer reads), without re-parsing the ~100k token strings of the GGUF."""
+
+    def __init__(self, fields: dict[str, Any], tensor_names: list[str]) -> None:
+        self.fields = {key: CachedField(value) for key, value in fields.items()}
+        self.tensor_names = tensor_names
+
+
+def gguf_fields(reader) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """All metadata values except the file-structure ones, as plain JSON-able values."""
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def args_to_json(args: ModelArgs) -> str:
+    return json.dumps(dataclasses.asdict(args))
+
+
+def args_from_json(text: str) -> ModelArgs:
+    values = json.loads(text)
+    if values.get("rope_scaling") is not None:
+        values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
+    return ModelArgs(**values)
+
+
+def read_cached(gguf_path: Path, cache_dir: Path) -> tuple[dict[str, torch.Tensor], ModelArgs, CachedReader] | None:
+    """Weights, args and metadata of this GGUF version from the cache, or None (absent or damaged)."""
+    target = cache_file(gguf_path, cache_dir)
+    if not target.exists():
+        return None
+    try:
+        state, metadata = read_cache(target)
+        args = args_from_json(metadata["args"])
+        reader = CachedReader(json.loads(metadata["gguf_fields"]), json.loads(metadata["tensor_names"]))
+    except Exception as e:  # a damaged entry is rebuilt, never fatal
+        log.warning("ignoring unreadable weight cache %s: %s", target, e)
+        target.unlink(missing_ok=True)
+        return None
+    return state, args, reader
+
+
 def load_state(reader, args: ModelArgs, gguf_path: Path, cache_dir: Path | None) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Our fp32 state dict: from the cache when it has this file version, else dequantised (and cached).
+    """Our fp32 state dict, dequantised from the file, written to the cache (with args and metadata
+    for the next start) and read back memory-mapped.
 
     cache_dir None: no cache, dequantise in memory. A cache that cannot be written is only a warning.
     """
     if cache_dir is None:
         return dict(iter_state_dict(reader, args))
     target = cache_file(gguf_path, cache_dir)
-    if target.exists():
-        try:
-            return read_cache(target)[0]
-        except Exception as e:  # a damaged entry is rebuilt, never fatal
-            log.warning("ignoring unreadable weight cache %s: %s", target, e)
-            target.unlink(missing_ok=True)
+    metadata = {
+        "format": CACHE_FORMAT,
+        "source": str(gguf_path.resolve()),
+        "args": args_to_json(args),
+        "gguf_fields": json.dumps(gguf_fields(reader)),
+        "tensor_names": json.dumps([t.name for t in reader.tensors]),
+    }
     try:
-        metadata = {"source": str(gguf_path.resolve()), "format": CACHE_FORMAT}
         write_cache(target, cache_prefix(gguf_path), planned_shapes(reader), iter_state_dict(reader, args), metadata)
     except OSError as e:
         log.warning("cannot write weight cache %s (%s): dequantising in memory", target, e)
