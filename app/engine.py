@@ -177,7 +177,7 @@ class RequestHandle:
         try:
             while True:
                 item = await self._queue.get()
-                if item is _END:
+                if item is _END or self.cancelled:  # outputs already queued are dropped after cancel()
                     self._done = True
                     return
                 if isinstance(item, BaseException):
