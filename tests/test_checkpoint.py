@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import fetch, gguf_weights
-from model.checkpoint import CheckpointError, load_weights
+from model.checkpoint import CheckpointError, load_model, load_weights
 from tests.test_oracle import TOL, hf_logits, tiny_hf_llama, tiny_hf_qwen2
 
 IDS = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -268,6 +268,35 @@ def test_gguf_damaged_cache_entry_is_rebuilt(tmp_path: Path) -> None:
     entry = next((cache / "converted").glob("*.safetensors"))
     entry.write_bytes(entry.read_bytes()[:1000])
     torch.testing.assert_close(our_logits(path, cache_dir=cache), first, atol=0, rtol=0)
+
+
+def test_smollm2_warm_start_matches_cold_start(smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached weights + metadata give the same model, tokenizer, name and template as parsing the GGUF."""
+    cold = load_model(smollm2_path, max_batch_size=1, max_seq_len=64, cache_weights=False)
+    load_weights(smollm2_path, max_batch_size=1, max_seq_len=8)  # make sure the default cache entry exists
+
+    def no_parsing(path):  # type: ignore[no-untyped-def]
+        raise AssertionError("a warm start must not parse the GGUF")
+
+    monkeypatch.setattr(gguf_weights, "open_reader", no_parsing)
+    warm = load_model(smollm2_path, max_batch_size=1, max_seq_len=64)
+    assert warm.name == cold.name == "SmolLM2-135M-Instruct"
+    assert warm.chat_template == cold.chat_template and "<|im_start|>" in (warm.chat_template or "")
+    assert warm.args == cold.args
+    for text in ["What is the capital of France?", "  12345 x\n\n42", "héllo 世界 🙂", "<|im_start|>user"]:
+        assert warm.tokenizer.encode(text) == cold.tokenizer.encode(text)
+        assert warm.tokenizer.encode(text, allow_special=True) == cold.tokenizer.encode(text, allow_special=True)
+    assert warm.tokenizer.stop_ids == cold.tokenizer.stop_ids and warm.tokenizer.bos_id == cold.tokenizer.bos_id
+    ids = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47]])
+    positions = torch.arange(ids.shape[1])[None]
+    torch.testing.assert_close(warm.model(ids, positions), cold.model(ids, positions), atol=0, rtol=0)
+
+
+def test_gguf_without_a_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny_hf_llama(), path, gguf.GGMLQuantizationType.F32)  # a token list but no tokenizer model
+    with pytest.raises(CheckpointError, match=r"tiny\.gguf: cannot load the tokenizer"):
+        load_model(path, cache_dir=tmp_path / "cache")
 
 
 # ---- bad checkpoints ------------------------------------------------------------------------------
