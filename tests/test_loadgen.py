@@ -10,8 +10,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -77,13 +79,13 @@ class FakeServer:
 
 @pytest.fixture
 def serve() -> Iterator:  # type: ignore[type-arg]
-    """serve(fake) -> base URL; uvicorn runs in a thread on a free port and stops after the test."""
+    """serve(x) -> base URL of x.app; uvicorn runs in a thread on a free port and stops after the test."""
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(fake: FakeServer) -> str:
+    def start(fake: FakeServer | SimpleNamespace) -> str:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", lifespan="off"))
+        server = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", lifespan="auto"))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         servers.append((server, thread))
@@ -254,3 +256,30 @@ def test_hf_generate_timings_on_a_tiny_transformers_model() -> None:
     batch = hf_generate.measure_batch(model, torch.randint(1, 64, (3, 5)), 4)
     assert batch["output_tokens"] == 12
     assert batch["output_tok_s"] == pytest.approx(12 / batch["seconds"])
+
+
+def test_our_server_honours_lengths_under_load(serve) -> None:  # type: ignore[no-untyped-def]
+    """The real app on a tiny random model: every request gets exactly max_tokens (ignore_eos and
+    min_tokens honoured), usage is reported, and nothing fails with 3 concurrent streams."""
+    from app.config import Settings
+    from app.server import create_app
+    from model.checkpoint import LoadedModel
+    from model.tokenizer import ByteTokenizer
+    from tests.conftest import tiny_model
+
+    model = tiny_model(max_batch_size=2, max_seq_len=128)
+    loaded = LoadedModel(model=model, tokenizer=ByteTokenizer(), args=model.args, name="tiny", chat_template=None)
+    app = create_app(Settings(max_batch_size=2, max_seq_len=128, warmup=False, log_level="warning"), loaded)
+    url = serve(SimpleNamespace(app=app))
+    deadline = time.monotonic() + 20  # the engine starts in the background after uvicorn is up
+    while httpx.get(url + "/v1/models").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w = Workload(num_requests=6, concurrency=3, prompt_tokens=(2, 6), output_tokens=(5, 9), seed=1)
+    report = asyncio.run(loadgen.measure(url, w, warmup=1))
+
+    specs = loadgen.make_specs(w)
+    assert (report["completed"], report["errors"], report["short_outputs"]) == (6, 0, 0)
+    assert report["token_source"] == ["usage"]
+    assert report["output_tokens"] == sum(s.max_tokens for s in specs)
+    assert report["prompt_tokens"] >= sum(len(s.prompt.encode()) for s in specs)  # one byte per token
+    assert report["ttft_ms"]["n"] == 6 and report["output_tok_s"] > 0
