@@ -1,0 +1,147 @@
+"""Helpers for the API tests: a tiny-model app behind httpx, SSE parsing, an independent greedy oracle.
+
+No tests here; the module name only keeps it among the API test files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Iterator
+
+import httpx
+import torch
+import uvicorn
+
+from app.config import Settings
+from app.server import create_app
+from model.checkpoint import LoadedModel
+from model.tokenizer import ByteTokenizer
+from tests.conftest import tiny_args, tiny_model
+
+CHATML_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # ids 256, 257, 258
+IM_START, IM_END, ENDOFTEXT = 256, 257, 258
+MODEL = "tiny"
+MAX_SEQ_LEN = 128
+
+
+def tiny_loaded(seed: int = 0, max_batch_size: int = 4, specials: tuple[str, ...] = CHATML_SPECIALS) -> LoadedModel:
+    tokenizer = ByteTokenizer(specials)
+    model = tiny_model(max_batch_size=max_batch_size, max_seq_len=MAX_SEQ_LEN, seed=seed)
+    return LoadedModel(model, tokenizer, tiny_args(), MODEL, None)
+
+
+def settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"warmup": False}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def serve_app(cfg: Settings | None = None, loaded: LoadedModel | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running and the model ready, behind an in-process httpx client."""
+    app = create_app(cfg or settings(), loaded or tiny_loaded())
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app.state.server.ready.wait(), 30)
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+def parse_sse(raw: str) -> tuple[list[dict[str, Any]], bool, int]:
+    """(events, saw [DONE] last, keep-alive comments), checking the exact framing of every event."""
+    assert raw.endswith("\n\n"), "every event ends with a blank line"
+    events, done, keepalives = [], False, 0
+    for block in raw[:-2].split("\n\n"):
+        assert not done, "nothing may follow data: [DONE]"
+        if block == ": keepalive":
+            keepalives += 1
+            continue
+        assert block.startswith("data: ") and "\n" not in block, f"bad SSE event {block!r}"
+        payload = block[len("data: "):]
+        if payload == "[DONE]":
+            done = True
+            continue
+        events.append(json.loads(payload))
+    return events, done, keepalives
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI envelope with exactly its four keys."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def token_id(text: str, tokenizer: ByteTokenizer) -> int:
+    """Back from a logprobs token string to its id (ByteTokenizer: one byte per id, or a control token)."""
+    if text in tokenizer.special_tokens:
+        return tokenizer.special_tokens[text]
+    if text.startswith("bytes:\\x"):
+        return int(text[len("bytes:\\x"):], 16)
+    raw = text.encode()
+    assert len(raw) == 1, text
+    return raw[0]
+
+
+@torch.no_grad()
+def reference_greedy(prompt: list[int], steps: int, seed: int = 0) -> tuple[list[int], list[float]]:
+    """Greedy decoding by re-running the whole sequence each step on a fresh copy of the model: no engine,
+    no batching, no incremental cache reuse. Returns the ids and their logprobs."""
+    model = tiny_model(max_batch_size=1, max_seq_len=MAX_SEQ_LEN, seed=seed)
+    ids, logprobs = list(prompt), []
+    for _ in range(steps):
+        tokens = torch.tensor([ids])
+        positions = torch.arange(len(ids)).unsqueeze(0)
+        logits = model.forward(tokens, positions)[0].float()
+        lp = torch.log_softmax(logits, dim=-1)
+        nxt = int(lp.argmax())
+        ids.append(nxt)
+        logprobs.append(float(lp[nxt]))
+    return ids[len(prompt):], logprobs
+
+
+@torch.no_grad()
+def reference_prompt_logprobs(prompt: list[int], seed: int = 0) -> list[float]:
+    """logprob of prompt[k] given prompt[:k], k >= 1, from one full forward pass."""
+    model = tiny_model(max_batch_size=1, max_seq_len=MAX_SEQ_LEN, seed=seed)
+    logits = model.forward(torch.tensor([prompt]), torch.arange(len(prompt)).unsqueeze(0), all_logits=True)[0]
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return [float(lp[k - 1, prompt[k]]) for k in range(1, len(prompt))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def uvicorn_thread(cfg: Settings, loaded: LoadedModel) -> Iterator[tuple[str, Any]]:
+    """A real uvicorn server on a loopback port in a thread; yields (base_url, server state)."""
+    app = create_app(cfg, loaded)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    state = app.state.server
+    deadline = time.monotonic() + 30
+    while not (server.started and state.phase == "ready"):
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", state
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
