@@ -465,3 +465,12 @@ def test_default_model_golden_greedy_in_a_batch(smollm2_path: Any) -> None:
     assert ids_of(golden) == [504, 3575, 282, 4649, 314, 7042, 30, 2]
     assert text_of(golden) == "The capital of France is Paris."
     assert golden[-1].finish_reason == "stop"
+
+
+def test_offline_generate_loop_matches_the_recompute_oracle() -> None:
+    from model.generate import generate_tokens
+
+    source = prompt(8, 9)
+    model = tiny_model(1, 128)
+    out = list(generate_tokens(model, source, GREEDY, max_tokens=12, prefill_chunk=4))
+    assert out == reference_greedy(source, 12)
