@@ -93,14 +93,23 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"We could not parse the JSON body of your request: {first.get('msg', 'invalid JSON')}.", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    param = _where(first) or None
     messages = []
     for err in errors[:3]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        text = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        messages.append(f"{where}: {text}" if where else text)
+        where, text = _where(err), str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        line = f"{where}: {text}" if where else text
+        if line not in messages:
+            messages.append(line)
     return "Invalid request: " + "; ".join(messages), param
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _where(error: Any) -> str:
+    """Dotted location of a pydantic error without "body" and union-member tags ("list[int]", "str")."""
+    parts = [str(p) for p in error.get("loc", ()) if p != "body"]
+    return ".".join(p for p in parts if "[" not in p and p not in _TYPE_TAGS and not p.startswith("function-"))
 
 
 def install_error_handlers(app: FastAPI) -> None:
