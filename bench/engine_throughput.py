@@ -1,0 +1,138 @@
+"""Engine throughput vs transformers `generate`: same weights, same prompts, same batch, one run.
+
+For each concurrency N (default 1, 8, 32): N greedy requests of exactly `--prompt-tokens` prompt
+tokens and `--output-tokens` generated tokens (EOS ignored), submitted at once to the Engine (no
+HTTP), then the same N prompts as one batch through transformers' `generate` (float32, no padding).
+Reported per side:
+- output tok/s: N * output tokens / wall time (prefill included),
+- decode tok/s: N * (output tokens - 1) / (last token time - first token time).
+Ratios are ours / transformers. Do not run this on a busy machine: it warns when the load average
+is high, since spin-waiting OpenMP threads then lose most of their speed.
+
+    python -m bench.engine_throughput --threads 2 --batches 1 8 32 --prompt-tokens 64 --output-tokens 64
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from app.engine import Engine, GenerationRequest  # noqa: E402
+from model.sampling import SamplingParams  # noqa: E402
+
+DEFAULT_MODEL = Path.home() / ".cache" / "llamaserve" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def warn_if_busy(threads: int) -> None:
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    if load > max(0.5, cores - threads):
+        print(f"WARNING: load average {load:.1f} on {cores} cores: other work competes, numbers will be low and noisy", file=sys.stderr)
+
+
+async def engine_run(engine: Engine, prompts: list[list[int]], output_tokens: int) -> dict[str, float]:
+    greedy = SamplingParams(temperature=0)
+    start = time.monotonic()
+    handles = [engine.submit(GenerationRequest(p, greedy, max_tokens=output_tokens, ignore_eos=True)) for p in prompts]
+    finals = []
+    for handle in handles:
+        async for out in handle:
+            if out.finish_reason is not None:
+                finals.append(out)
+    end = time.monotonic()
+    produced = sum(out.num_generated_tokens for out in finals)
+    if produced != len(prompts) * output_tokens:
+        raise RuntimeError(f"asked for {len(prompts) * output_tokens} tokens, got {produced}")
+    first = min(out.timings.first_token for out in finals if out.timings and out.timings.first_token)
+    last = max(out.timings.finished for out in finals if out.timings and out.timings.finished)
+    return {
+        "seconds": end - start,
+        "output_tok_s": produced / (end - start),
+        "decode_tok_s": len(prompts) * (output_tokens - 1) / (last - first),
+    }
+
+
+def hf_run(model: torch.nn.Module, ids: torch.Tensor, output_tokens: int) -> dict[str, float]:
+    from bench.hf_generate import TimingStreamer, generate
+
+    streamer = TimingStreamer()
+    start = time.perf_counter()
+    out = generate(model, ids, output_tokens, streamer)
+    end = time.perf_counter()
+    produced = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    times = streamer.times
+    return {
+        "seconds": end - start,
+        "output_tok_s": produced / (end - start),
+        "decode_tok_s": ids.shape[0] * (output_tokens - 1) / (times[-1] - times[0]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--skip-hf", action="store_true", help="measure the engine only")
+    args = parser.parse_args(argv)
+    if args.output_tokens < 2 or min(args.batches) < 1:
+        parser.error("need --output-tokens >= 2 and batches >= 1")
+    if not args.model.exists():
+        parser.error(f"no model at {args.model} (run `python -m model.fetch`)")
+    torch.set_num_threads(args.threads)
+    warn_if_busy(args.threads)
+
+    from bench.hf_generate import load as hf_load
+    from bench.hf_generate import prompt_batch
+    from model.checkpoint import load_model
+
+    hf_model, hf_tokenizer = hf_load(args.model)  # its tokenizer also makes the shared prompts
+    max_batch = max(args.batches)
+    loaded = load_model(args.model, max_batch_size=max_batch, max_seq_len=args.prompt_tokens + args.output_tokens + 8)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch, max_seq_len=loaded.model.max_seq_len,
+                    prefill_chunk=args.prefill_chunk)
+    engine.start()
+    report: dict[str, Any] = {"threads": args.threads, "prompt_tokens": args.prompt_tokens,
+                              "output_tokens": args.output_tokens, "load_avg": os.getloadavg()[0], "batches": {}}
+    try:
+        warm = prompt_batch(hf_tokenizer, 1, args.prompt_tokens, seed=999)
+        asyncio.run(engine_run(engine, warm.tolist(), 4))
+        if not args.skip_hf:
+            hf_run(hf_model, warm, 4)
+        print(f"{'N':>4} {'ours out tok/s':>15} {'ours decode':>12} {'hf out tok/s':>13} {'hf decode':>10} {'ratio out':>10} {'ratio dec':>10}")
+        for n in args.batches:
+            ids = prompt_batch(hf_tokenizer, n, args.prompt_tokens, seed=n)
+            ours = asyncio.run(engine_run(engine, ids.tolist(), args.output_tokens))
+            entry: dict[str, Any] = {"ours": ours}
+            line = f"{n:>4} {ours['output_tok_s']:>15.1f} {ours['decode_tok_s']:>12.1f}"
+            if not args.skip_hf:
+                theirs = hf_run(hf_model, ids, args.output_tokens)
+                entry["transformers"] = theirs
+                entry["ratio_output"] = ours["output_tok_s"] / theirs["output_tok_s"]
+                entry["ratio_decode"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
+                line += (f" {theirs['output_tok_s']:>13.1f} {theirs['decode_tok_s']:>10.1f}"
+                         f" {entry['ratio_output']:>10.2f} {entry['ratio_decode']:>10.2f}")
+            print(line, flush=True)
+            report["batches"][str(n)] = entry
+    finally:
+        engine.shutdown()
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
