@@ -97,11 +97,7 @@ def dequantize(tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
 
     qtype = GGMLQuantizationType(tensor.tensor_type)
     try:
-        if qtype == GGMLQuantizationType.BF16 and tensor.data.dtype != np.uint8:
-            array = tensor.data.view(np.uint16).astype(np.uint32) << 16
-            array = array.view(np.float32)
-        else:
-            array = gguf_dequantize(tensor.data, qtype)
+        array = gguf_dequantize(tensor.data, qtype)
     except NotImplementedError as e:
         raise CheckpointError(f"tensor {tensor.name!r}: quantisation {qtype.name} is not supported ({e})") from e
     array = np.asarray(array, dtype=np.float32).reshape(tensor_shape(tensor))

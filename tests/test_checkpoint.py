@@ -151,7 +151,7 @@ _GGUF_NAMES = {
 
 
 def write_gguf(reference, path: Path, qtype: gguf.GGMLQuantizationType, arch: str = "llama",  # type: ignore[no-untyped-def]
-               rope_freqs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               rope_freqs: torch.Tensor | None = None, raw: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     """A GGUF laid out as llama.cpp's converter does; returns the HF state dict as the file holds it."""
     config = reference.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -182,7 +182,9 @@ def write_gguf(reference, path: Path, qtype: gguf.GGMLQuantizationType, arch: st
             heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
             if arch == "llama" and module in heads:
                 stored = interleave_rotary(tensor, heads[module]).numpy()
-        if stored.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        if raw and gguf_name in raw:
+            writer.add_tensor(gguf_name, raw[gguf_name])
+        elif stored.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             quantised = gguf.quants.quantize(stored, qtype)
             writer.add_tensor(gguf_name, quantised, raw_shape=quantised.shape, raw_dtype=qtype)
             dequantised = torch.from_numpy(gguf.quants.dequantize(quantised, qtype).reshape(tensor.shape))
@@ -214,7 +216,7 @@ def llama31_rope_factors(reference) -> torch.Tensor:  # type: ignore[no-untyped-
     return plain / scaled
 
 
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
 def test_gguf_llama_with_rope_freqs(qtype: str, tmp_path: Path) -> None:
     """llama.cpp layout (permuted Q/K, Llama 3.1 rope factors tensor), several quantisations."""
     reference = tiny_hf_llama(intermediate=256, scaling_original=8192)  # Q4_0 needs rows of 32
@@ -352,6 +354,30 @@ def test_unsupported_gguf_architecture(tmp_path: Path) -> None:
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(CheckpointError, match=r"unsupported GGUF architecture 'gpt2'.*llama, qwen2"):
+        load_weights(path, cache_dir=tmp_path / "cache")
+
+
+def test_unsupported_gguf_tensor_type_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    wv = np.zeros((32, 64), dtype=np.float64)  # F64: no dequantiser in gguf
+    write_gguf(tiny_hf_llama(), path, gguf.GGMLQuantizationType.F32, raw={"blk.1.attn_v.weight": wv})
+    with pytest.raises(CheckpointError, match=r"tensor 'blk\.1\.attn_v\.weight': quantisation F64 is not supported"):
+        load_weights(path, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.safetensors")) and not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_gguf_missing_metadata_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "partial.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_token_list([b"a", b"b", b"c", b"d"])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"bad GGUF metadata.*'llama\.block_count'"):
         load_weights(path, cache_dir=tmp_path / "cache")
 
 
