@@ -86,6 +86,7 @@ class RequestResult:
     token_source: str = "chunks"  # "usage" when the server reported completion_tokens
     prompt_tokens: int | None = None
     finish_reason: str | None = None
+    done: bool = False  # saw `data: [DONE]`
 
     @property
     def ttft(self) -> float | None:
@@ -152,8 +153,11 @@ def request_body(spec: RequestSpec, model: str, workload: Workload) -> dict[str,
 def apply_event(result: RequestResult, data: str, now: float) -> bool:
     """Fold one SSE `data:` payload into result; returns False once the stream is over."""
     if data.strip() == "[DONE]":
+        result.done = True
         return False
     event = json.loads(data)
+    if not isinstance(event, dict):
+        raise ValueError(f"SSE event is not a JSON object: {data[:100]}")
     if "error" in event:
         error = event["error"]
         result.error = error.get("message", str(error)) if isinstance(error, dict) else str(error)
@@ -193,6 +197,8 @@ async def send_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) ->
         result.output_tokens = len(result.chunk_times)
     if result.error is None and not result.chunk_times:
         result.error = "stream ended without any text"
+    if result.error is None and not (result.done or result.finish_reason):
+        result.error = "stream cut off: no finish_reason and no [DONE]"
     result.ok = result.error is None
     return result
 

@@ -34,10 +34,11 @@ class FakeServer:
     """Streams `max_tokens` one-token chunks (3 without min_tokens, like an early EOS), after a fixed
     delay; every `fail_every`-th request gets a 503, and `break_stream` sends an error event mid-stream."""
 
-    def __init__(self, *, fail_every: int = 0, send_usage: bool = True, break_stream: bool = False,
+    def __init__(self, *, fail_every: int = 0, send_usage: bool = True, break_stream: bool = False, cut_at: int = 0,
                  first_token_delay: float = FIRST_TOKEN_DELAY, token_gap: float = TOKEN_GAP) -> None:
         self.fail_every, self.send_usage, self.break_stream = fail_every, send_usage, break_stream
         self.first_token_delay, self.token_gap = first_token_delay, token_gap
+        self.cut_at = cut_at  # end the response after this many chunks, without [DONE]
         self.bodies: list[dict[str, Any]] = []
         self.app = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
@@ -68,6 +69,8 @@ class FakeServer:
             if self.break_stream and i == 2:
                 yield event({"error": {"message": "engine died", "type": "server_error"}})
                 yield "data: [DONE]\n\n"
+                return
+            if self.cut_at and i == self.cut_at:
                 return
             finish = ("length" if n > 3 else "stop") if i == n - 1 else None
             yield event({"id": "cmpl-1", "object": "text_completion",
@@ -169,6 +172,13 @@ def test_error_event_mid_stream_is_an_error(serve) -> None:  # type: ignore[no-u
     assert report["errors"] == 2 and report["error_samples"] == ["engine died"]
     assert report["ttft_ms"]["n"] == 0 and report["ttft_ms"]["p50"] is None
     assert "-" in loadgen.format_report(report)
+
+
+def test_cut_off_stream_is_an_error(serve) -> None:  # type: ignore[no-untyped-def]
+    url = serve(FakeServer(cut_at=2))
+    w = Workload(num_requests=1, concurrency=1, output_tokens=(5, 5), prompt_tokens=(3, 3))
+    report = asyncio.run(loadgen.measure(url, w, warmup=0))
+    assert report["errors"] == 1 and "cut off" in report["error_samples"][0]
 
 
 def test_cli_writes_json_and_fails_cleanly(serve, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
