@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from bench import loadgen
 from bench.loadgen import Workload
 
 DEFAULT_MODEL = Path.home() / ".cache" / "llamaserve" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # for `python -m app` / `-m bench.hf_generate` from anywhere
 
 
 def cpu_times() -> tuple[int, int]:
@@ -134,7 +136,7 @@ def server(name: str, cmd: list[str], port: int, env: dict[str, str], ready_time
 
 def torch_env(args: argparse.Namespace) -> dict[str, str]:
     """Environment of the PyTorch processes (ours and transformers): same threads, same OpenMP policy."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(Path.cwd()))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO_ROOT))
     if args.omp_wait_policy != "unset":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     return env
@@ -221,15 +223,15 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         return measure_server(served, args)
 
 
-def llamacpp_usable(python: str) -> str | None:
-    """None when `python -m llama_cpp.server` can run, else the reason it cannot."""
+def llamacpp_version(python: str) -> str:
+    """llama-cpp-python's version in that interpreter; RuntimeError saying why it cannot serve."""
     if not Path(python).exists():
-        return f"{python} does not exist"
+        raise RuntimeError(f"{python} does not exist")
     probe = subprocess.run([python, "-c", "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
-        return f"{python} cannot import llama_cpp.server: {probe.stderr.strip().splitlines()[-1:]}"
-    return None
+        raise RuntimeError(f"{python} cannot import llama_cpp.server: {probe.stderr.strip().splitlines()[-1:]}")
+    return probe.stdout.strip()
 
 
 def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -239,9 +241,10 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
         print("SKIP llama.cpp: pass --llamacpp-python PATH (python of a venv with llama-cpp-python[server]) "
               "or --llamacpp-url URL")
         return None
-    reason = llamacpp_usable(args.llamacpp_python)
-    if reason:
-        print(f"SKIP llama.cpp: {reason}")
+    try:
+        llamacpp = llamacpp_version(args.llamacpp_python)
+    except RuntimeError as exc:
+        print(f"SKIP llama.cpp: {exc}")
         return None
     port = free_port()
     cmd = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", str(args.model), "--host", "127.0.0.1",
@@ -249,7 +252,7 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
            "--n_ctx", str(args.max_seq_len)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     with server("llama.cpp", cmd, port, env, args.ready_timeout) as served:
-        return measure_server(served, args)
+        return {**measure_server(served, args), "version": llamacpp}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -343,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results: dict[str, Any] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), **machine_load(0.5)},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "versions": {pkg: version(pkg) for pkg in ("torch", "transformers", "httpx")},
+                    **machine_load(0.5)},
     }
     runners = {"transformers": run_transformers, "ours": run_ours, "llama.cpp": run_llamacpp}
     for peer in args.peers:
