@@ -22,6 +22,7 @@ import torch
 
 LOGPROB_FLOOR = -9999.0  # logprobs are clamped here so JSON never carries -inf
 MAX_LOGPROBS = 5
+TOP_P_CANDIDATES = 128  # first guess of how many best tokens hold any row's top_p mass
 
 
 @dataclass(frozen=True)
@@ -200,25 +201,52 @@ class Sampler:
         return x
 
     def _filtered(self, x: torch.Tensor, index: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Temperature, then min_p, top_k, top_p (each only when some row uses it)."""
+        """Temperature, then min_p, top_k, top_p (each only when some row uses it), renormalising between.
+
+        min_p is a logit threshold (p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p)), so it needs no
+        softmax. top_k and top_p become one per-row logit threshold found among the K best candidates
+        (a partial top-k, far cheaper than sorting the vocabulary); K grows only when some row's top_p
+        mass is not reached within it.
+        """
         x = x / self.temperature[index][:, None]
         if any(p.min_p > 0.0 for p in params):
-            probs = torch.softmax(x, dim=-1)
-            floor = probs.amax(dim=-1, keepdim=True) * self.min_p[index][:, None]
-            x = x.masked_fill(probs < floor, -math.inf)
-        if any(0 < p.top_k < self.vocab_size for p in params):
-            k_max = max(p.top_k for p in params if 0 < p.top_k < self.vocab_size)
-            k = self.top_k[index]
-            kth = x.topk(k_max, dim=-1).values.gather(1, (k.clamp(max=k_max) - 1)[:, None])
-            kth = kth.masked_fill(k[:, None] >= self.vocab_size, -math.inf)  # rows without top_k keep all
-            x = x.masked_fill(x < kth, -math.inf)
-        if any(p.top_p < 1.0 for p in params):
-            sorted_x, order = x.sort(dim=-1, descending=True)
-            sorted_probs = torch.softmax(sorted_x, dim=-1)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            drop_sorted = mass_before > self.top_p[index][:, None]
-            x = x.masked_fill(drop_sorted.scatter(1, order, drop_sorted), -math.inf)
-        return x
+            floor = x.amax(dim=-1, keepdim=True) + torch.log(self.min_p[index])[:, None]
+            x = x.masked_fill(x < floor, -math.inf)
+        use_top_k = any(0 < p.top_k < self.vocab_size for p in params)
+        use_top_p = any(p.top_p < 1.0 for p in params)
+        if not use_top_k and not use_top_p:
+            return x
+        k_max = max([p.top_k for p in params if 0 < p.top_k < self.vocab_size], default=0)
+        candidates = max(k_max, TOP_P_CANDIDATES if use_top_p else 0)
+        while True:
+            threshold = self._threshold(x, index, min(candidates, self.vocab_size), use_top_p)
+            if threshold is not None:
+                return x.masked_fill(x < threshold, -math.inf)
+            candidates *= 8
+
+    def _threshold(self, x: torch.Tensor, index: torch.Tensor, candidates: int, use_top_p: bool) -> torch.Tensor | None:
+        """Per-row smallest logit kept by top_k then top_p, or None when `candidates` cannot decide it."""
+        values = x.topk(candidates, dim=-1).values  # sorted, best first
+        k = self.top_k[index].clamp(max=candidates)
+        rank = torch.arange(candidates, device=x.device)
+        values = values.masked_fill(rank[None, :] >= k[:, None], -math.inf)  # top_k (no-op rows: k = V)
+        kept = torch.isfinite(values)
+        if use_top_p:
+            top_p = self.top_p[index][:, None]
+            has_k = self.top_k[index] < self.vocab_size
+            # The distribution top_p sees: after top_k its mass lies within the candidates, else all of x.
+            norm = torch.where(has_k, values.logsumexp(dim=-1), x.logsumexp(dim=-1))[:, None]
+            probs = torch.exp(values - norm)
+            cumulative = probs.cumsum(dim=-1)
+            uses_p = top_p < 1.0
+            kept &= ((cumulative - probs) <= top_p) | ~uses_p
+            undecided = kept[:, -1] & (cumulative[:, -1] < top_p[:, 0]) & uses_p[:, 0] & ~has_k
+            if candidates < self.vocab_size and bool(undecided.any()):
+                return None
+        last_kept = kept.sum(dim=-1, keepdim=True).clamp(min=1) - 1
+        threshold = values.gather(1, last_kept)
+        no_filter = (self.top_k[index] >= self.vocab_size) & (self.top_p[index] >= 1.0)
+        return threshold.masked_fill(no_filter[:, None], -math.inf)
 
     def _draw(self, x: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
         """One uniform per row (the slot's own generator when seeded) through the inverse CDF."""

@@ -238,3 +238,24 @@ def test_large_vocab_greedy_batch_skips_filters_and_is_fast_enough() -> None:
     finally:
         torch.Tensor.sort = original  # type: ignore[method-assign]
     assert out.token_ids == logits.argmax(-1).tolist() and not calls
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 6.0])  # flat (needs many candidates) to peaked
+def test_filters_on_a_large_vocabulary_match_transformers(scale: float) -> None:
+    vocab = 3000
+    cases = [
+        SamplingParams(temperature=1.0, top_p=0.95),
+        SamplingParams(temperature=0.8, top_k=300, top_p=0.7),
+        SamplingParams(temperature=1.0, min_p=0.3, top_p=0.9),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.9, top_k=5),
+    ]
+    sampler = Sampler(len(cases), vocab)
+    for slot, p in enumerate(cases):
+        sampler.set_slot(slot, p, [1])
+    logits = random_logits(len(cases), seed=11, vocab=vocab) * scale
+    ours = sampler.processed_logits(logits, list(range(len(cases))))
+    for row, p in enumerate(cases):
+        ref = hf_reference(logits[row], p)
+        assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(ref)), (p, int(torch.isfinite(ours[row]).sum()), int(torch.isfinite(ref).sum()))
+        torch.testing.assert_close(torch.softmax(ours[row], -1), torch.softmax(ref, -1), atol=1e-6, rtol=1e-5)
