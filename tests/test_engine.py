@@ -474,3 +474,33 @@ def test_offline_generate_loop_matches_the_recompute_oracle() -> None:
     model = tiny_model(1, 128)
     out = list(generate_tokens(model, source, GREEDY, max_tokens=12, prefill_chunk=4))
     assert out == reference_greedy(source, 12)
+
+
+class ScriptedModel:
+    """Stands in for the Transformer: the token after position p is always script[p + 1]."""
+
+    def __init__(self, script: list[int], vocab_size: int = 259, max_seq_len: int = 64) -> None:
+        self.script = script
+        self.args = type("Args", (), {"vocab_size": vocab_size})()
+        self.max_batch_size, self.max_seq_len = 2, max_seq_len
+        self.tok_embeddings = torch.nn.Embedding(1, 1)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: Any = None, *, kv_len: int | None = None,
+                 all_logits: bool = False) -> torch.Tensor:
+        logits = torch.zeros(*positions.shape, self.args.vocab_size)
+        for index in np.ndindex(*positions.shape):
+            logits[index][self.script[int(positions[index]) + 1]] = 10.0
+        return logits if all_logits else logits[:, -1]
+
+
+def test_multibyte_characters_split_across_tokens_and_a_stop_after_them() -> None:
+    prompt_ids = list(b"Q:")
+    generated = list("aé€ xEND yy".encode())  # é and € span 2 and 3 tokens
+    engine = Engine(ScriptedModel(prompt_ids + generated), ByteTokenizer(), max_batch_size=2, max_seq_len=64)
+    engine.start()
+    outputs = run(generate(engine, GenerationRequest(prompt_ids, GREEDY, max_tokens=30, stop=["END"])))
+    engine.shutdown()
+    assert [o.text for o in outputs if o.text] == ["a", "é", "€", " ", "x"]
+    assert all("\ufffd" not in o.text for o in outputs)
+    assert outputs[-1].finish_reason == "stop"
+    assert ids_of(outputs) == generated[: generated.index(ord("D")) + 1]
