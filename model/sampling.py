@@ -58,33 +58,38 @@ class SamplingParamError(ValueError):
         self.param = param
 
 
+# field -> (lowest, highest, lowest allowed?, message); ranges follow OpenAI, extras follow vLLM.
+_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "temperature": (0.0, 100.0, True, "temperature must be in [0, 100]"),
+    "top_p": (0.0, 1.0, False, "top_p must be in (0, 1]"),
+    "min_p": (0.0, 1.0, True, "min_p must be in [0, 1]"),
+    "presence_penalty": (-2.0, 2.0, True, "presence_penalty must be in [-2, 2]"),
+    "frequency_penalty": (-2.0, 2.0, True, "frequency_penalty must be in [-2, 2]"),
+    "repetition_penalty": (0.0, 100.0, False, "repetition_penalty must be in (0, 100]"),
+}
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate_sampling(params: SamplingParams, vocab_size: int) -> None:
     """Raise SamplingParamError for any value the sampler cannot honour (checked before admission)."""
-
-    def check(ok: bool, param: str, message: str) -> None:
-        if not ok:
-            raise SamplingParamError(message, param)
-
-    def finite(value: float) -> bool:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-
-    p = params
-    check(finite(p.temperature) and 0.0 <= p.temperature <= 100.0, "temperature", "temperature must be in [0, 100]")
-    check(finite(p.top_p) and 0.0 < p.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
-    check(isinstance(p.top_k, int) and p.top_k >= -1, "top_k", "top_k must be -1 (off), 0 (off) or >= 1")
-    check(finite(p.min_p) and 0.0 <= p.min_p <= 1.0, "min_p", "min_p must be in [0, 1]")
-    check(finite(p.presence_penalty) and -2.0 <= p.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]")
-    check(finite(p.frequency_penalty) and -2.0 <= p.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]")
-    check(finite(p.repetition_penalty) and 0.0 < p.repetition_penalty <= 2.0, "repetition_penalty", "repetition_penalty must be in (0, 2]")
-    check(p.seed is None or isinstance(p.seed, int), "seed", "seed must be an integer")
-    check(
-        p.logprobs is None or (isinstance(p.logprobs, int) and 0 <= p.logprobs <= MAX_LOGPROBS),
-        "logprobs",
-        f"logprobs must be between 0 and {MAX_LOGPROBS}",
-    )
-    for token_id, bias in p.logit_bias.items():
-        check(isinstance(token_id, int) and 0 <= token_id < vocab_size, "logit_bias", f"logit_bias token id {token_id} is not in the vocabulary (0..{vocab_size - 1})")
-        check(finite(bias) and -100.0 <= bias <= 100.0, "logit_bias", f"logit_bias value for token {token_id} must be in [-100, 100]")
+    for name, (low, high, low_ok, message) in _RANGES.items():
+        value = getattr(params, name)
+        if not _finite_number(value) or not (low <= value <= high) or (value == low and not low_ok):
+            raise SamplingParamError(message, name)
+    if not isinstance(params.top_k, int) or params.top_k < -1:
+        raise SamplingParamError("top_k must be -1 (off), 0 (off) or >= 1", "top_k")
+    if params.seed is not None and not isinstance(params.seed, int):
+        raise SamplingParamError("seed must be an integer", "seed")
+    if params.logprobs is not None and (not isinstance(params.logprobs, int) or not 0 <= params.logprobs <= MAX_LOGPROBS):
+        raise SamplingParamError(f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
+    for token_id, bias in params.logit_bias.items():
+        if not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+            raise SamplingParamError(f"logit_bias token id {token_id} is not in the vocabulary (0..{vocab_size - 1})", "logit_bias")
+        if not _finite_number(bias) or not -100.0 <= bias <= 100.0:
+            raise SamplingParamError(f"logit_bias value for token {token_id} must be in [-100, 100]", "logit_bias")
 
 
 @dataclass
