@@ -62,6 +62,7 @@ from model.sampling import SamplingParams
 log = logging.getLogger("llamaserve")
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
 STALL_S = 120.0  # an engine with work whose last step ended longer ago than this is reported unhealthy
 OPEN_PATHS = ("/health", "/metrics")  # never behind the API key (probes, scrapers)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
@@ -329,6 +330,13 @@ class Choice:
             self.finish_reason = out.finish_reason
             metrics.observe_finished(out.finish_reason, out.num_prompt_tokens, out.num_generated_tokens, out.timings)
 
+    def abort(self, metrics: Metrics) -> None:
+        """Cancel the engine request if it has not finished (client gone, stream closed); counted once."""
+        self.handle.cancel()
+        if self.finish_reason is None:
+            self.finish_reason = "abort"  # internal only: never serialised
+            metrics.observe_finished("abort", self.num_prompt_tokens, self.num_generated_tokens, None)
+
 
 def sampling_params(body: SamplingFields, *, logprobs: int | None, choice: int) -> SamplingParams:
     """SamplingParams of one choice; with a seed, choice i uses seed + i so n choices differ reproducibly."""
@@ -370,8 +378,8 @@ def submit_all(engine: Engine, requests: list[GenerationRequest], prompt_param: 
     return handles
 
 
-async def collect(choices: list[Choice], request: Request, metrics: Metrics) -> None:
-    """Drain every handle into its Choice, cancelling all of them if the client goes away."""
+async def collect(choices: list[Choice], request: Request, metrics: Metrics) -> bool:
+    """Drain every handle into its Choice; False (all cancelled) if the client went away first."""
 
     async def pump(choice: Choice) -> None:
         async for out in choice.handle:
@@ -384,14 +392,15 @@ async def collect(choices: list[Choice], request: Request, metrics: Metrics) -> 
             _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
             if pending and await request.is_disconnected():
                 log.info("client disconnected: cancelling %d choice(s)", len(choices))
-                break
+                return False
         for task in tasks:
-            if task.done() and task.exception() is not None:
+            if task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
+        return True
     finally:
         for choice, task in zip(choices, tasks):
-            choice.handle.cancel()
             task.cancel()
+            choice.abort(metrics)
 
 
 class SSEResponse(StreamingResponse):
@@ -551,8 +560,9 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         completion_id, created = new_id("cmpl"), now()
         if body.stream:
             stream = stream_completion(choices, body, state, completion_id, created)
-            return SSEResponse(stream, on_close=lambda: cancel_all(choices))
-        await collect(choices, request, state.metrics)
+            return SSEResponse(stream, on_close=lambda: abort_all(choices, state.metrics))
+        if not await collect(choices, request, state.metrics):
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(completion_response(choices, body, state, completion_id, created))
 
     @app.post("/v1/chat/completions")
@@ -592,16 +602,17 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         chat_id, created = new_id("chatcmpl"), now()
         if body.stream:
             stream = stream_chat(choices, body, state, chat_id, created)
-            return SSEResponse(stream, on_close=lambda: cancel_all(choices))
-        await collect(choices, request, state.metrics)
+            return SSEResponse(stream, on_close=lambda: abort_all(choices, state.metrics))
+        if not await collect(choices, request, state.metrics):
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(chat_response(choices, body, state, chat_id, created))
 
     return app
 
 
-def cancel_all(choices: list[Choice]) -> None:
+def abort_all(choices: list[Choice], metrics: Metrics) -> None:
     for choice in choices:
-        choice.handle.cancel()
+        choice.abort(metrics)
 
 
 def completion_prompts(body: CompletionRequest, loaded: LoadedModel, add_bos: bool) -> list[tuple[list[int], str]]:

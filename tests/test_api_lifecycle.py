@@ -187,7 +187,9 @@ def test_disconnect_mid_stream_frees_the_slot() -> None:
         assert wait_until(lambda: state.engine.stats().running == 0, 1.5) < 1.5
         assert state.engine.stats().generated_tokens_total < 100
         with httpx.Client(base_url=url, timeout=10) as client:
-            assert "llamaserve_requests_running 0.0" in client.get("/metrics").text
+            text = client.get("/metrics").text
+            assert "llamaserve_requests_running 0.0" in text
+            assert 'llamaserve_requests_finished_total{finish_reason="abort"} 1.0' in text
             assert client.post("/v1/completions", json=OK).status_code == 200
 
 
@@ -201,4 +203,5 @@ def test_disconnect_while_waiting_for_a_plain_response_frees_the_slot() -> None:
         assert wait_until(lambda: state.engine.stats().running == 0, 1.5) < 1.5
         assert state.engine.stats().generated_tokens_total < 100
         with httpx.Client(base_url=url, timeout=10) as client:
+            assert 'llamaserve_requests_finished_total{finish_reason="abort"} 1.0' in client.get("/metrics").text
             assert client.post("/v1/completions", json=OK).status_code == 200
