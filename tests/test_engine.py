@@ -210,8 +210,8 @@ def test_cancel_frees_the_slot_within_one_step() -> None:
         long = engine.submit(GenerationRequest(prompt(0, 4), GREEDY, max_tokens=100, ignore_eos=True))
         iterator = long.__aiter__()
         await iterator.__anext__()
-        steps_at_cancel = engine.stats().steps
         long.cancel()
+        steps_at_cancel = engine.stats().steps
         while engine.stats().running:
             await asyncio.sleep(0.001)
         freed_after = engine.stats().steps - steps_at_cancel
