@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Any, Awaitable
 
 import numpy as np
@@ -409,6 +410,13 @@ def test_long_prompt_prefill_is_chunked_and_does_not_stall_a_running_stream() ->
 
 def test_drain_refuses_new_work_and_ends_the_rest_with_length() -> None:
     engine = make_engine(max_batch_size=1)
+    forward = engine.model
+
+    def slow(*args: Any, **kwargs: Any) -> torch.Tensor:  # 120 steps must outlast the drain timeout
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    engine.model = slow  # type: ignore[assignment]
 
     async def main() -> tuple[list[GenerationOutput], list[GenerationOutput]]:
         running = engine.submit(GenerationRequest(prompt(0, 4), GREEDY, max_tokens=120, ignore_eos=True))
