@@ -226,8 +226,14 @@ def test_cancel_frees_the_slot_within_one_step() -> None:
             await asyncio.sleep(0.001)
         # A cancelled consumer task does the same.
         third = engine.submit(GenerationRequest(prompt(2, 4), GREEDY, max_tokens=100, ignore_eos=True))
-        task = asyncio.ensure_future(collect(third))
-        await asyncio.sleep(0.01)
+        got_first = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in third:
+                got_first.set()
+
+        task = asyncio.ensure_future(consume())
+        await got_first.wait()
         task.cancel()
         while engine.stats().running:
             await asyncio.sleep(0.001)
