@@ -129,11 +129,6 @@ class CompletionRequest(SamplingFields):
         return list(prompt)  # type: ignore[arg-type]
 
 
-class TextPart(_Request):
-    type: Literal["text"]
-    text: StrictStr
-
-
 class ChatMessage(_Request):
     role: StrictStr
     content: StrictStr | list[dict[str, Any]] | None = None

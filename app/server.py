@@ -487,9 +487,10 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     app = FastAPI(title="llamaserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     install_error_handlers(app)
+    # Outermost last: CORS answers preflights, then the key is checked before any body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
@@ -583,7 +584,8 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
                     param="messages",
                     code="context_length_exceeded",
                 )
-        stop_ids = list(body.stop_token_ids or []) + sorted(end_of_turn_ids(state.chat_format, tokenizer))
+        end_of_turn = [] if body.ignore_eos else sorted(end_of_turn_ids(state.chat_format, tokenizer))
+        stop_ids = list(body.stop_token_ids or []) + end_of_turn
         top = (body.top_logprobs or 0) if body.logprobs else None
         requests = [
             GenerationRequest(

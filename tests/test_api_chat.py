@@ -83,11 +83,13 @@ async def test_chat_format_override_llama2() -> None:
     assert body["usage"]["prompt_tokens"] == len(b"[INST] hey [/INST]") + 1  # BOS (<|im_start|> is this tokenizer's BOS)
 
 
-async def test_end_of_turn_stops_and_is_not_rendered() -> None:
+async def test_end_of_turn_stops_and_is_not_rendered_unless_ignore_eos() -> None:
     async with serve_app() as client:
         body = (await client.post("/v1/chat/completions", json=chat(logit_bias={str(IM_END): 100}))).json()
+        ignored = (await client.post("/v1/chat/completions", json=chat(logit_bias={str(IM_END): 100}, ignore_eos=True))).json()
     assert body["choices"][0]["message"]["content"] == "" and body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == 1
+    assert ignored["choices"][0]["finish_reason"] == "length" and ignored["usage"]["completion_tokens"] == 6
 
 
 async def test_max_completion_tokens_and_default_fills_context() -> None:

@@ -10,7 +10,6 @@ import pytest
 from tests.test_api_support import (
     IM_END,
     MODEL,
-    assert_error,
     parse_sse,
     reference_greedy,
     reference_prompt_logprobs,
