@@ -167,7 +167,8 @@ async def test_defaults_max_tokens_16_and_null_fields() -> None:
 
 
 async def test_streaming_wire_format_matches_non_streaming() -> None:
-    request = completion(prompt=["Hi", "The cat"], n=2, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True, logprobs=1)
+    request = completion(prompt=["Hi", "The cat"], n=2, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True, logprobs=1,
+                         echo=True)
     async with serve_app() as client:
         whole = (await client.post("/v1/completions", json=request)).json()
         r = await client.post("/v1/completions", json={**request, "stream": True})
@@ -192,6 +193,7 @@ async def test_streaming_wire_format_matches_non_streaming() -> None:
             finished[c["index"]] = 1
     assert sorted(finished) == [0, 1, 2, 3]
     for c in whole["choices"]:
+        assert c["text"].startswith(["Hi", "The cat"][c["index"] // 2])
         assert texts[c["index"]] == c["text"]
         assert tokens[c["index"]] == c["logprobs"]["tokens"]
         assert offsets[c["index"]] == c["logprobs"]["text_offset"]
