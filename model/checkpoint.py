@@ -104,6 +104,8 @@ def load_weights(
 ) -> LoadedWeights:
     """The network with its weights and KV cache, without the tokenizer."""
     path = Path(path)
+    if max_batch_size < 1 or max_seq_len < 1:
+        raise CheckpointError(f"max_batch_size ({max_batch_size}) and max_seq_len ({max_seq_len}) must be >= 1")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory; expected one of: {'; '.join(SUPPORTED_FORMATS)}")
     try:
@@ -120,8 +122,6 @@ def load_weights(
             raise CheckpointError(f"{path}: unrecognised checkpoint; expected one of: {'; '.join(SUPPORTED_FORMATS)}")
     except UnsupportedArchitectureError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    if max_batch_size < 1 or max_seq_len < 1:
-        raise CheckpointError(f"max_batch_size ({max_batch_size}) and max_seq_len ({max_seq_len}) must be >= 1")
     if args.context_length and max_seq_len > args.context_length:
         log.warning("max_seq_len %d exceeds the trained context %d: clamped", max_seq_len, args.context_length)
         max_seq_len = int(args.context_length)

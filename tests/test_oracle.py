@@ -8,7 +8,9 @@ GGUF-loaded logits and greedy tokens.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -106,15 +108,28 @@ def test_rope_scaling_is_exercised(tmp_path: Path) -> None:
     assert (got - hf_logits(reference, ids)).abs().max() > 1e-2
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Batch-1 decode is as fast on one thread, and does not collapse when the 2 cores are shared
+    (spin-waiting torch threads slow ~10x under other load)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Our greedy decode (one prefill, then one token per step in slot 0): tokens and each step's logits."""
     logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None])
     tokens: list[int] = []
     step_logits = []
-    for i in range(steps):
-        step_logits.append(logits[0])
-        tokens.append(int(logits[0].argmax()))
-        logits = model(torch.tensor([[tokens[-1]]]), torch.tensor([[len(prompt) + i]]))
+    with one_thread():
+        for i in range(steps):
+            step_logits.append(logits[0])
+            tokens.append(int(logits[0].argmax()))
+            logits = model(torch.tensor([[tokens[-1]]]), torch.tensor([[len(prompt) + i]]))
     return tokens, torch.stack(step_logits)
 
 
@@ -127,8 +142,11 @@ def transformers_gguf_model(path: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from transformers.initialization import no_init_weights
+
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with no_init_weights():  # every weight is loaded below
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     result = model.load_state_dict(tensors, strict=False)
     assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys, result
