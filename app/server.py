@@ -56,7 +56,7 @@ from app.protocol import (
     now,
 )
 from model.chat import ChatFormatError, default_system_prompt, detect_chat_format, end_of_turn_ids, render_chat
-from model.checkpoint import LoadedModel
+from model.checkpoint import CheckpointError, LoadedModel
 from model.sampling import SamplingParams
 
 log = logging.getLogger("llamaserve")
@@ -141,7 +141,10 @@ class ServerState:
             log.info("ready: serving %s (chat format %s, %d slots x %d tokens)", self.model_name, self.chat_format,
                      model.max_batch_size, model.max_seq_len)
         except Exception as e:  # noqa: BLE001 - any load failure must surface in /health and the log
-            log.exception("start-up failed")
+            if isinstance(e, (CheckpointError, OSError)):
+                log.error("start-up failed: %s", e)  # the user's mistake: no traceback
+            else:
+                log.exception("start-up failed")
             self.phase, self.error = "failed", f"{type(e).__name__}: {e}"
             if self.on_failure is not None:
                 self.on_failure()
