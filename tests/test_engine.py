@@ -469,13 +469,18 @@ def test_default_model_golden_greedy_in_a_batch(smollm2_path: Any) -> None:
     golden_prompt = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
     other = loaded.tokenizer.encode("Once upon a time")
 
-    async def main() -> list[list[GenerationOutput]]:
-        a = engine.submit(GenerationRequest(golden_prompt, GREEDY, max_tokens=20))
-        b = engine.submit(GenerationRequest(other, SamplingParams(temperature=0.8, seed=1), max_tokens=10))
-        return await asyncio.gather(collect(a), collect(b))
+    seeded = GenerationRequest(other, SamplingParams(temperature=1.0, top_p=0.95, seed=1), max_tokens=12, ignore_eos=True)
 
-    golden, _ = run(main())
+    async def main() -> tuple[list[GenerationOutput], list[GenerationOutput], list[GenerationOutput]]:
+        alone = await generate(engine, seeded)
+        a = engine.submit(GenerationRequest(golden_prompt, GREEDY, max_tokens=20))
+        b = engine.submit(seeded)
+        golden, crowded = await asyncio.gather(collect(a), collect(b))
+        return golden, alone, crowded
+
+    golden, alone, crowded = run(main())
     engine.shutdown()
+    assert ids_of(crowded) == ids_of(alone)  # a seed holds across batch compositions on real weights too
     assert ids_of(golden) == [504, 3575, 282, 4649, 314, 7042, 30, 2]
     assert text_of(golden) == "The capital of France is Paris."
     assert golden[-1].finish_reason == "stop"
