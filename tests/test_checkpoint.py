@@ -301,6 +301,44 @@ def test_gguf_without_a_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
         load_model(path, cache_dir=tmp_path / "cache")
 
 
+# ---- ModelArgs.from_gguf_metadata on plain values -----------------------------------------------
+
+QWEN2_KEYS = {
+    "general.architecture": "qwen2", "qwen2.embedding_length": 896, "qwen2.block_count": 24,
+    "qwen2.attention.head_count": 14, "qwen2.attention.head_count_kv": 2, "qwen2.feed_forward_length": 4864,
+    "qwen2.rope.freq_base": 1000000.0, "qwen2.attention.layer_norm_rms_epsilon": 9.999999974752427e-07,
+    "qwen2.context_length": 32768, "tokenizer.ggml.tokens": ["x"] * 151936,
+    "tokenizer.ggml.bos_token_id": 151643, "tokenizer.ggml.eos_token_id": 151645,
+    "tokenizer.ggml.eot_token_id": 151645, "tokenizer.ggml.eom_token_id": 151643,
+}
+
+
+def test_gguf_metadata_qwen2_from_plain_values() -> None:
+    from model.args import ModelArgs
+
+    args = ModelArgs.from_gguf_metadata(QWEN2_KEYS, tensor_names=["token_embd.weight"])
+    assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim) == (896, 24, 14, 2, 64)
+    assert args.hidden_dim == 4864 and args.vocab_size == 151936 and args.context_length == 32768
+    assert args.qkv_bias and args.tie_word_embeddings and args.architecture == "qwen2"
+    assert args.norm_eps == 1e-6 and args.rope_theta == 1e6
+    assert args.eos_token_id == 151645 and args.stop_token_ids == [151645, 151643]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"general.architecture": "phi3"}, r"unsupported GGUF architecture 'phi3': supported are llama, qwen2"),
+        ({"qwen2.rope.scaling.type": "yarn"}, r"unsupported GGUF rope scaling 'yarn'"),
+        ({"qwen2.rope.dimension_count": 32}, r"partial rotary"),
+    ],
+)
+def test_gguf_metadata_unsupported(change: dict, message: str) -> None:
+    from model.args import ModelArgs, UnsupportedArchitectureError
+
+    with pytest.raises(UnsupportedArchitectureError, match=message):
+        ModelArgs.from_gguf_metadata({**QWEN2_KEYS, **change}, tensor_names=[])
+
+
 # ---- bad checkpoints ------------------------------------------------------------------------------
 
 
