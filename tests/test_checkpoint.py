@@ -79,6 +79,29 @@ def test_chat_template_and_name_from_hf_dir(tmp_path: Path) -> None:
     assert loaded.chat_template == "{{ messages }}"
 
 
+def test_load_model_hf_dir_with_tokenizer(tmp_path: Path) -> None:
+    """load_model wires the directory's tokenizer.json: ids equal HF `tokenizers`' own encoding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf_tokenizer = Tokenizer(models.BPE())
+    hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    hf_tokenizer.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog 12345"] * 20, trainer)
+    assert hf_tokenizer.get_vocab_size() == 300  # the tiny model's vocabulary
+    tiny_hf_llama().save_pretrained(tmp_path)
+    hf_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    config = {"chat_template": "{{ messages }}", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = load_model(tmp_path, max_batch_size=1, max_seq_len=32)
+    assert loaded.chat_template == "{{ messages }}" and loaded.model.max_seq_len == 32
+    for text in ["hello world", "the lazy fox 42!", "unseen words ÄÖ"]:
+        assert loaded.tokenizer.encode(text) == hf_tokenizer.encode(text).ids
+
+
 # ---- Meta consolidated.*.pth ----------------------------------------------------------------------
 
 _META_NAMES = {
