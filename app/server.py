@@ -15,13 +15,15 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -60,6 +62,7 @@ from model.checkpoint import CheckpointError, LoadedModel
 from model.sampling import SamplingParams
 
 log = logging.getLogger("llamaserve")
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
@@ -357,6 +360,23 @@ def sampling_params(body: SamplingFields, *, logprobs: int | None, choice: int) 
     )
 
 
+async def read_body(request: Request, model: type[BodyT]) -> BodyT:
+    """Parse a JSON body whatever its Content-Type (curl -d sends form-urlencoded); errors become 400s."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"We could not parse the JSON body of your request: {e}.") from None
+    try:  # JSON may escape a lone surrogate ("\\ud800"): no tokenizer can encode that text
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("The request contains invalid Unicode text (a lone surrogate escape).") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
 def check_ids(ids: list[int], vocab_size: int, param: str) -> None:
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
@@ -521,21 +541,24 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         return ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len).model_dump()
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await read_body(request, TokenizeRequest)
         loaded = state.require_loaded()
         state.check_model(body.model)
         ids = loaded.tokenizer.encode(body.prompt, bos=state.add_bos and body.add_special_tokens, allow_special=True)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len).model_dump()
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await read_body(request, DetokenizeRequest)
         loaded = state.require_loaded()
         state.check_model(body.model)
         check_ids(body.tokens, loaded.tokenizer.vocab_size, "tokens")
         return DetokenizeResponse(prompt=loaded.tokenizer.decode(body.tokens)).model_dump()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def completions(request: Request) -> Response:
+        body = await read_body(request, CompletionRequest)
         engine = state.require_engine()
         state.check_model(body.model)
         loaded = state.require_loaded()
@@ -570,7 +593,8 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         return JSONResponse(completion_response(choices, body, state, completion_id, created))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
+        body = await read_body(request, ChatCompletionRequest)
         engine = state.require_engine()
         state.check_model(body.model)
         loaded = state.require_loaded()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -82,6 +83,8 @@ async def test_bad_completion_requests_are_400_never_422(body: dict[str, Any], p
         (b"[1, 2]", {"content-type": "application/json"}),
         (b'{"model": "tiny", "prompt": "Hi"', {"content-type": "application/json"}),
         (b"model=tiny", {"content-type": "application/x-www-form-urlencoded"}),
+        (b"\xff\xfe{}", {"content-type": "application/json"}),
+        (b'{"model": "tiny", "prompt": "\\ud800"}', {"content-type": "application/json"}),
     ],
 )
 async def test_malformed_bodies_are_400(content: bytes, headers: dict[str, str]) -> None:
@@ -89,6 +92,12 @@ async def test_malformed_bodies_are_400(content: bytes, headers: dict[str, str])
         for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
             assert_error(await client.post(path, content=content, headers=headers), 400)
         await still_serves(client)
+
+
+async def test_json_without_json_content_type_is_accepted() -> None:
+    async with serve_app() as client:  # curl -d '{...}' sends application/x-www-form-urlencoded
+        r = await client.post("/v1/completions", content=json.dumps(OK), headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 200, r.text
 
 
 async def test_unknown_model_404_context_overflow_400() -> None:
