@@ -453,6 +453,8 @@ class Engine:
             seq.slot = slot
             seq.timings.scheduled = time.monotonic()
             self._running[slot] = seq
+            if seq.request.max_tokens == 0 and seq.prompt_lps is None:  # nothing to compute at all
+                self._finish_without_tokens(seq)
 
     def _prefill(self) -> None:
         """Run up to prefill_chunk prompt tokens (in all) of the prompts still being read."""

@@ -523,3 +523,19 @@ def test_multibyte_characters_split_across_tokens_and_a_stop_after_them() -> Non
     assert all("\ufffd" not in o.text for o in outputs)
     assert outputs[-1].finish_reason == "stop"
     assert ids_of(outputs) == generated[: generated.index(ord("D")) + 1]
+
+
+def test_max_tokens_zero_without_logprobs_finishes_without_running_the_model() -> None:
+    engine = make_engine()
+    calls = {"n": 0}
+    forward = engine.model
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        return forward(*args, **kwargs)
+
+    engine.model = counted  # type: ignore[assignment]
+    outputs = run(generate(engine, GenerationRequest(prompt(0, 5), max_tokens=0)))
+    engine.shutdown()
+    assert [(o.finish_reason, o.token_ids, o.num_prompt_tokens) for o in outputs] == [("length", [], 5)]
+    assert calls["n"] == 0 and engine.stats().free_slots == 4
