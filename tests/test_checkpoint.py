@@ -185,7 +185,7 @@ def write_gguf(reference, path: Path, qtype: gguf.GGMLQuantizationType, arch: st
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_token_list([f"t{i}".encode() for i in range(config.vocab_size)])
     writer.add_bos_token_id(1)
@@ -228,6 +228,12 @@ def write_gguf(reference, path: Path, qtype: gguf.GGMLQuantizationType, arch: st
     return as_stored
 
 
+def rope_theta(config) -> float:  # type: ignore[no-untyped-def]
+    """transformers 5 keeps it in rope_parameters, 4.x on the config itself."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
 def llama31_rope_factors(reference) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """What llama.cpp stores in `rope_freqs`: plain / scaled inverse frequencies, from transformers' rope code."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -235,7 +241,7 @@ def llama31_rope_factors(reference) -> torch.Tensor:  # type: ignore[no-untyped-
     config = reference.config
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     head_dim = config.hidden_size // config.num_attention_heads
-    plain = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    plain = 1.0 / (rope_theta(config) ** (torch.arange(0, head_dim, 2).float() / head_dim))
     return plain / scaled
 
 

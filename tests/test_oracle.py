@@ -142,7 +142,10 @@ def transformers_gguf_model(path: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     with no_init_weights():  # every weight is loaded below
