@@ -4,6 +4,7 @@ dependencies in pyproject.toml are exactly what model/ and app/ import (nothing 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -68,8 +69,14 @@ def third_party_imports(folders: tuple[str, ...] = PACKAGES) -> dict[str, set[st
     return found
 
 
+@functools.cache
+def module_distributions() -> dict[str, list[str]]:
+    """Import name -> distributions providing it; scanning every installed package takes a second."""
+    return importlib.metadata.packages_distributions()
+
+
 def distributions_of(module: str) -> set[str]:
-    return {normalise(dist) for dist in importlib.metadata.packages_distributions().get(module, [])}
+    return {normalise(dist) for dist in module_distributions().get(module, [])}
 
 
 def test_console_script_target_is_a_callable() -> None:
