@@ -344,12 +344,16 @@ class Choice:
             metrics.observe_finished("abort", self.num_prompt_tokens, self.num_generated_tokens, None)
 
 
-def sampling_params(body: SamplingFields, *, logprobs: int | None, choice: int) -> SamplingParams:
-    """SamplingParams of one choice; with a seed, choice i uses seed + i so n choices differ reproducibly."""
+def sampling_params(body: SamplingFields, *, logprobs: int | None, choice: int, vocab_size: int) -> SamplingParams:
+    """SamplingParams of one choice; with a seed, choice i uses seed + i so n choices differ reproducibly.
+
+    A top_k of the whole vocabulary or more means no top-k filter.
+    """
+    top_k = -1 if body.top_k is None or body.top_k >= vocab_size else body.top_k
     return SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=-1 if body.top_k is None else body.top_k,
+        top_k=top_k,
         min_p=body.min_p or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
@@ -572,7 +576,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
                 requests.append(
                     GenerationRequest(
                         prompt_ids=ids,
-                        sampling=sampling_params(body, logprobs=body.logprobs, choice=i),
+                        sampling=sampling_params(body, logprobs=body.logprobs, choice=i, vocab_size=tokenizer.vocab_size),
                         max_tokens=max_tokens,
                         stop=list(body.stop or []),  # type: ignore[arg-type]
                         stop_token_ids=list(body.stop_token_ids or []),
@@ -617,7 +621,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         requests = [
             GenerationRequest(
                 prompt_ids=prompt_ids,
-                sampling=sampling_params(body, logprobs=top, choice=i),
+                sampling=sampling_params(body, logprobs=top, choice=i, vocab_size=tokenizer.vocab_size),
                 max_tokens=max_tokens,
                 stop=list(body.stop or []),  # type: ignore[arg-type]
                 stop_token_ids=stop_ids,

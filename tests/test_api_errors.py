@@ -58,6 +58,8 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str | None]] = [
     ({**OK, "suffix": "tail"}, None),
     ({**OK, "min_tokens": 5}, None),
     ({**OK, "top_k": -2}, "top_k"),
+    ({**OK, "top_k": 10**20}, "top_k"),
+    ({**OK, "seed": "seven"}, "seed"),
     ({**OK, "repetition_penalty": 0}, "repetition_penalty"),
     ({**OK, "echo": "maybe"}, "echo"),
 ]
@@ -92,6 +94,13 @@ async def test_malformed_bodies_are_400(content: bytes, headers: dict[str, str])
         for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
             assert_error(await client.post(path, content=content, headers=headers), 400)
         await still_serves(client)
+
+
+async def test_huge_but_valid_values_are_served() -> None:
+    async with serve_app() as client:
+        for extra in ({"top_k": 100000}, {"seed": 2**62}, {"logit_bias": {"65": -100}}, {"max_tokens": 0}):
+            r = await client.post("/v1/completions", json={**OK, **extra})
+            assert r.status_code == 200, (extra, r.text)
 
 
 async def test_json_without_json_content_type_is_accepted() -> None:
