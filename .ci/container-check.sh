@@ -165,7 +165,7 @@ build_image() {
 start_service() {
     section "docker-compose up --wait"
     COMPOSE_STARTED=1
-    compose up --detach --wait --wait-timeout 300
+    compose up --detach --wait --wait-timeout 180
     compose ps
 }
 
