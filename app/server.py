@@ -66,7 +66,7 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
-STALL_S = 120.0  # an engine with work whose last step ended longer ago than this is reported unhealthy
+STALL_S = 120.0  # an engine with work that has not finished a step for this long is reported unhealthy
 OPEN_PATHS = ("/health", "/metrics")  # never behind the API key (probes, scrapers)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
@@ -119,6 +119,7 @@ class ServerState:
         self.default_system: str | None = None
         self.add_bos = False
         self.max_model_len = 0
+        self._stall_watch: tuple[float | None, float] | None = None  # (last step seen busy, since when)
 
     async def start(self) -> None:
         """Load (in a thread, so /health answers meanwhile), start the engine, warm up, then report ready."""
@@ -205,17 +206,28 @@ class ServerState:
             log.info("draining: waiting up to %.0f s for running requests", self.settings.drain_timeout)
             await self.engine.drain(self.settings.drain_timeout)
             await asyncio.to_thread(self.engine.shutdown)
+            log.info("engine stopped")
         if self.phase == "draining":
             self.phase = "stopped"
-        log.info("engine stopped")
+
+    def _stalled(self, stats: Any) -> bool:
+        """True when the engine has had work but no finished step for STALL_S, as seen by health checks.
+
+        Timed from when a check first saw work with this last step, not from the last step itself: after
+        a long idle spell the first step of new work is not a stall.
+        """
+        if not (stats.running or stats.waiting):
+            self._stall_watch = None
+            return False
+        now_ = time.monotonic()
+        if self._stall_watch is None or self._stall_watch[0] != stats.last_step_time:
+            self._stall_watch = (stats.last_step_time, now_)
+        return now_ - self._stall_watch[1] > STALL_S
 
     def health(self) -> tuple[int, dict[str, Any]]:
         if self.phase == "ready" and self.engine is not None:
             stats = self.engine.stats()
-            stalled = (stats.running or stats.waiting) and stats.last_step_time is not None and (
-                time.monotonic() - stats.last_step_time > STALL_S
-            )
-            if not stats.healthy or stalled:
+            if not stats.healthy or self._stalled(stats):
                 return 503, {"status": "unhealthy"}
             return 200, {"status": "ok"}
         body: dict[str, Any] = {"status": "draining" if self.phase == "stopped" else self.phase}

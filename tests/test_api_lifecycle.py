@@ -205,3 +205,29 @@ def test_disconnect_while_waiting_for_a_plain_response_frees_the_slot() -> None:
         with httpx.Client(base_url=url, timeout=10) as client:
             assert 'llamaserve_requests_finished_total{finish_reason="abort"} 1.0' in client.get("/metrics").text
             assert client.post("/v1/completions", json=OK).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_health_unhealthy_when_the_engine_stops_stepping(monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = tiny_loaded()
+    forward = loaded.model.forward
+    stuck = threading.Event()
+
+    def hang(*args: Any, **kwargs: Any) -> Any:
+        stuck.wait(10)
+        return forward(*args, **kwargs)
+
+    async with serve_app(loaded=loaded) as client:
+        state = client.app.state.server  # type: ignore[attr-defined]
+        loaded.model.forward = hang  # type: ignore[method-assign]
+        request = asyncio.ensure_future(client.post("/v1/completions", json=OK))
+        while state.engine.stats().running + state.engine.stats().waiting == 0:
+            await asyncio.sleep(0.005)
+        assert (await client.get("/health")).status_code == 200  # busy, but not for long yet
+        monkeypatch.setattr(server_module, "STALL_S", 0.05)
+        await asyncio.sleep(0.1)
+        r = await client.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "unhealthy"}
+        stuck.set()
+        assert (await request).status_code == 200
+        assert (await client.get("/health")).status_code == 200
