@@ -535,7 +535,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers often probe with HEAD
     async def health() -> JSONResponse:
         status, body = state.health()
         return JSONResponse(body, status_code=status)

@@ -179,6 +179,7 @@ async def test_bad_messages_are_400_and_server_keeps_serving(messages: Any) -> N
 async def test_bad_chat_fields_are_400(fields: dict[str, Any]) -> None:
     async with serve_app() as client:
         assert_error(await client.post("/v1/chat/completions", json=chat(**fields)), 400)
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
 
 
 async def test_chat_context_overflow() -> None:

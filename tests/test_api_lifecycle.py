@@ -55,6 +55,7 @@ async def test_health_loading_then_ready_and_requests_wait_with_503(monkeypatch:
             await asyncio.wait_for(app.state.server.ready.wait(), 10)
             r = await client.get("/health")
             assert r.status_code == 200 and r.json() == {"status": "ok"}
+            assert (await client.head("/health")).status_code == 200
             assert (await client.post("/v1/completions", json=OK)).status_code == 200
 
 
