@@ -249,7 +249,9 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
     port = free_port()
     cmd = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", str(args.model), "--host", "127.0.0.1",
            "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-           "--n_ctx", str(args.max_seq_len)]
+           "--n_ctx", str(args.max_seq_len),
+           # By default each new request cuts the running stream short; queue them instead.
+           "--interrupt_requests", "false"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     with server("llama.cpp", cmd, port, env, args.ready_timeout) as served:
         return {**measure_server(served, args), "version": llamacpp}
