@@ -62,9 +62,13 @@ def machine_load(sample_s: float = 1.0) -> dict[str, float | None]:
     return {"loadavg_1m": load1, "cpu_busy": busy, "cores": os.cpu_count() or 1}
 
 
-def check_quiet(what: str, max_busy: float) -> dict[str, float | None]:
-    """Sample the machine before a measurement and warn when it is not quiet (numbers would be low)."""
+def check_quiet(what: str, max_busy: float, wait_s: float = 0.0) -> dict[str, float | None]:
+    """Sample the machine before a measurement (for up to wait_s while it is busy) and warn when it
+    is not quiet: every number would come out low."""
+    deadline = time.monotonic() + wait_s
     load = machine_load()
+    while load["cpu_busy"] is not None and load["cpu_busy"] > max_busy and time.monotonic() < deadline:
+        load = machine_load()
     busy = load["cpu_busy"]
     if busy is not None and busy > max_busy:
         print(f"WARNING before {what}: CPU {busy:.0%} busy (load average {load['loadavg_1m']:.2f}); "
@@ -158,7 +162,7 @@ def measure_server(served: Served, args: argparse.Namespace) -> dict[str, Any]:
         reps = []
         for rep in range(args.repeats):
             served.check_alive()
-            load = check_quiet(f"{name} {key} #{rep + 1}", args.max_busy)
+            load = check_quiet(f"{name} {key} #{rep + 1}", args.max_busy, args.wait_quiet)
             # A different seed per repetition: fresh prompts, no prefix-cache hits across repetitions.
             w = Workload(**{**workload.__dict__, "seed": workload.seed + rep})
             report = asyncio.run(loadgen.measure(base_url, w, label=f"{name} {key} #{rep + 1}",
@@ -192,7 +196,7 @@ def median_report(reps: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def run_transformers(args: argparse.Namespace) -> dict[str, Any]:
-    load = check_quiet("transformers", args.max_busy)
+    load = check_quiet("transformers", args.max_busy, args.wait_quiet)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     cmd = [sys.executable, "-m", "bench.hf_generate", "--model", str(args.model), "--threads", str(args.threads),
@@ -331,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "unset"],
                    help="OMP_WAIT_POLICY of the PyTorch processes (ours and transformers)")
     p.add_argument("--max-busy", type=float, default=0.15, help="warn when the CPU is busier than this before a run")
+    p.add_argument("--wait-quiet", type=float, default=0.0,
+                   help="before each measurement, wait up to this many seconds for the CPU to go quiet")
+    p.add_argument("--max-load", type=float, default=0.5,
+                   help="warn when the 1-minute load average is above this before the run starts")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--request-timeout", type=float, default=1800.0)
     p.add_argument("--json", default=None, help="write every report, the ratios and the machine state here")
@@ -352,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                     "versions": {pkg: version(pkg) for pkg in ("torch", "transformers", "httpx")},
                     **machine_load(0.5)},
     }
+    if results["machine"]["loadavg_1m"] > args.max_load:
+        print(f"WARNING: load average {results['machine']['loadavg_1m']:.2f} before the run (other work on "
+              "this machine); measure on a quiet machine", file=sys.stderr)
     runners = {"transformers": run_transformers, "ours": run_ours, "llama.cpp": run_llamacpp}
     for peer in args.peers:
         try:

@@ -201,7 +201,7 @@ def test_cli_writes_json_and_fails_cleanly(serve, tmp_path, capsys) -> None:  # 
 
 def test_run_peers_compares_two_servers(serve, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     """A fast fake against a slow fake through the runner: medians, ratios and verdicts."""
-    monkeypatch.setattr(run_peers, "machine_load", lambda sample_s=1.0: {"loadavg_1m": 0.0, "cpu_busy": 0.9, "cores": 2})
+    monkeypatch.setattr(run_peers, "machine_load", lambda sample_s=1.0: {"loadavg_1m": 1.5, "cpu_busy": 0.9, "cores": 2})
     fast = serve(FakeServer(first_token_delay=0.01, token_gap=0.002))
     slow = serve(FakeServer(first_token_delay=0.05, token_gap=0.02))
     model = tmp_path / "model.gguf"
@@ -213,6 +213,7 @@ def test_run_peers_compares_two_servers(serve, tmp_path, monkeypatch, capsys) ->
     assert run_peers.main(argv) == 0
     captured = capsys.readouterr()
     assert "WARNING before ours c1 #1: CPU 90% busy" in captured.err
+    assert "WARNING: load average 1.50 before the run" in captured.err
 
     results = json.loads(out.read_text())
     assert len(results["ours"]["c3"]["runs"]) == 2
@@ -293,3 +294,16 @@ def test_our_server_honours_lengths_under_load(serve) -> None:  # type: ignore[n
     assert report["output_tokens"] == sum(s.max_tokens for s in specs)
     assert report["prompt_tokens"] >= sum(len(s.prompt.encode()) for s in specs)  # one byte per token
     assert report["ttft_ms"]["n"] == 6 and report["output_tok_s"] > 0
+
+
+def test_check_quiet_waits_for_the_cpu_then_warns_only_if_still_busy(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    samples = iter([0.9, 0.8, 0.05])
+    monkeypatch.setattr(run_peers, "machine_load",
+                        lambda sample_s=1.0: {"loadavg_1m": 1.0, "cpu_busy": next(samples), "cores": 2})
+    assert run_peers.check_quiet("x", max_busy=0.15, wait_s=60)["cpu_busy"] == 0.05
+    assert "WARNING" not in capsys.readouterr().err
+    monkeypatch.setattr(run_peers, "machine_load", lambda sample_s=1.0: {"loadavg_1m": 1.0, "cpu_busy": 0.5, "cores": 2})
+    run_peers.check_quiet("y", max_busy=0.15, wait_s=0)
+    assert "WARNING before y: CPU 50% busy" in capsys.readouterr().err
+    busy = run_peers.machine_load(0.05)["cpu_busy"]  # the real /proc/stat sampler
+    assert busy is not None and 0.0 <= busy <= 1.0
