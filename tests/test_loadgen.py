@@ -305,5 +305,6 @@ def test_check_quiet_waits_for_the_cpu_then_warns_only_if_still_busy(monkeypatch
     monkeypatch.setattr(run_peers, "machine_load", lambda sample_s=1.0: {"loadavg_1m": 1.0, "cpu_busy": 0.5, "cores": 2})
     run_peers.check_quiet("y", max_busy=0.15, wait_s=0)
     assert "WARNING before y: CPU 50% busy" in capsys.readouterr().err
+    monkeypatch.undo()
     busy = run_peers.machine_load(0.05)["cpu_busy"]  # the real /proc/stat sampler
     assert busy is not None and 0.0 <= busy <= 1.0
