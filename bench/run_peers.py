@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ def measure_server(served: Served, args: argparse.Namespace) -> dict[str, Any]:
             served.check_alive()
             load = check_quiet(f"{name} {key} #{rep + 1}", args.max_busy, args.wait_quiet)
             # A different seed per repetition: fresh prompts, no prefix-cache hits across repetitions.
-            w = Workload(**{**workload.__dict__, "seed": workload.seed + rep})
+            w = replace(workload, seed=workload.seed + rep)
             report = asyncio.run(loadgen.measure(base_url, w, label=f"{name} {key} #{rep + 1}",
                                                  timeout=args.request_timeout, warmup=1))
             report["machine_before"] = load
@@ -265,34 +265,47 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def problems(server_results: dict[str, Any] | None, key: str, who: str) -> list[str]:
+    """Errors or short outputs in a workload: its numbers are not comparable."""
+    if not server_results:
+        return []
+    median = server_results[key]["median"]
+    return [f"{who} {key}: {median[k]:g} {k.replace('_', ' ')}" for k in ("errors", "short_outputs") if median[k]]
+
+
 def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Ratios ours / peer, each with the target it is held to (None: reported, no target)."""
+    """Ratios ours / peer, each with the target it is held to (None: reported, no target). A target
+    is never passed on a run with errors or short outputs: those rows say what went wrong."""
     cn = f"c{args.concurrency}"
     ours, llama, hf = results.get("ours"), results.get("llama.cpp"), results.get("transformers")
     rows: list[dict[str, Any]] = []
 
     def add(name: str, ours_value: float | None, peer_value: float | None, target: str | None,
-            passed: bool | None) -> None:
+            passed: bool | None, issues: list[str] | None = None) -> None:
+        if issues and passed:
+            passed = False
         rows.append({"comparison": name, "ours": ours_value, "peer": peer_value,
-                     "ratio": ratio(ours_value, peer_value), "target": target, "pass": passed})
+                     "ratio": ratio(ours_value, peer_value), "target": target, "pass": passed,
+                     "problems": issues or []})
 
     if ours and hf:
         ours_decode = ours["c1"]["median"]["decode_tok_s_p50"]
         hf_decode = hf["batches"]["1"]["median"]["decode_tok_s"]
         r = ratio(ours_decode, hf_decode)
         add("batch-1 streaming decode tok/s: ours HTTP / transformers generate", ours_decode, hf_decode,
-            ">= 3x", r is not None and r >= 3)
+            ">= 3x", r is not None and r >= 3, problems(ours, "c1", "ours"))
         hf_n = hf["batches"].get(str(args.hf_batch))
         if hf_n:
             add(f"output tok/s: ours {cn} HTTP / transformers generate batch {args.hf_batch}",
                 ours[cn]["median"]["output_tok_s"], hf_n["median"]["output_tok_s"], None, None)
     if ours and llama:
+        issues = problems(ours, cn, "ours") + problems(llama, cn, "llama.cpp")
         o, p = ours[cn]["median"]["output_tok_s"], llama[cn]["median"]["output_tok_s"]
         r = ratio(o, p)
-        add(f"aggregate output tok/s, {cn}: ours / llama.cpp server", o, p, ">= 2x", r is not None and r >= 2)
+        add(f"aggregate output tok/s, {cn}: ours / llama.cpp server", o, p, ">= 2x", r is not None and r >= 2, issues)
         o, p = ours[cn]["median"]["ttft_p50_ms"], llama[cn]["median"]["ttft_p50_ms"]
         add(f"TTFT p50 ms, {cn}: ours / llama.cpp server", o, p, "< 1x",
-            None if o is None or p is None else o < p)
+            None if o is None or p is None else o < p, issues)
         add("batch-1 streaming decode tok/s: ours / llama.cpp server", ours["c1"]["median"]["decode_tok_s_p50"],
             llama["c1"]["median"]["decode_tok_s_p50"], None, None)
     return rows
@@ -308,6 +321,7 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
         target = f"target {row['target']}" if row["target"] else ""
         lines.append(f"{row['comparison']}: {num(row['ours'])} vs {num(row['peer'])} -> "
                      f"ratio {num(row['ratio'])} {target} {verdict}".rstrip())
+        lines += [f"    not comparable: {issue}" for issue in row["problems"]]
     if not rows:
         lines.append("(nothing to compare: ours and at least one peer must have run)")
     return "\n".join(lines)

@@ -308,3 +308,19 @@ def test_check_quiet_waits_for_the_cpu_then_warns_only_if_still_busy(monkeypatch
     monkeypatch.undo()
     busy = run_peers.machine_load(0.05)["cpu_busy"]  # the real /proc/stat sampler
     assert busy is not None and 0.0 <= busy <= 1.0
+
+
+def test_a_target_is_not_passed_on_a_run_with_errors() -> None:
+    def server(errors: int, short: int, tok_s: float) -> dict:  # type: ignore[type-arg]
+        median = {"output_tok_s": tok_s, "ttft_p50_ms": 10.0, "decode_tok_s_p50": 50.0,
+                  "errors": errors, "short_outputs": short}
+        return {"c1": {"median": median}, "c4": {"median": median}}
+
+    args = run_peers.build_parser().parse_args(["--concurrency", "4"])
+    rows = run_peers.compare({"ours": server(2, 0, 300.0), "llama.cpp": server(0, 1, 100.0)}, args)
+    throughput = next(r for r in rows if r["comparison"].startswith("aggregate"))
+    assert throughput["ratio"] == pytest.approx(3.0) and throughput["pass"] is False
+    assert throughput["problems"] == ["ours c4: 2 errors", "llama.cpp c4: 1 short outputs"]
+    assert "not comparable: ours c4: 2 errors" in run_peers.format_comparison(rows)
+    clean = run_peers.compare({"ours": server(0, 0, 300.0), "llama.cpp": server(0, 0, 100.0)}, args)
+    assert next(r for r in clean if r["comparison"].startswith("aggregate"))["pass"] is True
