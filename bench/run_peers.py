@@ -346,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ours-url", default=None, help="measure this running server instead of starting one")
     p.add_argument("--llamacpp-python", default=None, help="python of a venv with llama-cpp-python[server]")
     p.add_argument("--llamacpp-url", default=None, help="measure this running llama.cpp server instead")
-    p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "unset"],
-                   help="OMP_WAIT_POLICY of the PyTorch processes (ours and transformers)")
+    p.add_argument("--omp-wait-policy", default="unset", choices=["PASSIVE", "ACTIVE", "unset"],
+                   help="OMP_WAIT_POLICY of the PyTorch processes; unset: each keeps its own default (our server: a short GOMP_SPINCOUNT)")
     p.add_argument("--max-busy", type=float, default=0.15, help="warn when the CPU is busier than this before a run")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="before each measurement, wait up to this many seconds for the CPU to go quiet")
