@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from model.args import ModelArgs, UnsupportedArchitectureError
 from model.llama import Transformer
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, tokenizer_from_dir, tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ def load_model(
     GGUF weights are cached as fp32 safetensors under cache_dir (default: $LLAMASERVE_CACHE_DIR or
     ~/.cache/llamaserve) unless cache_weights is False.
     """
-    from model import tokenizer as tokenizer_module
-
     path = Path(path)
     weights = load_weights(
         path, device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
@@ -80,9 +78,9 @@ def load_model(
     )
     try:
         if weights.gguf_reader is not None:
-            tokenizer = tokenizer_module.tokenizer_from_gguf(weights.gguf_reader)  # type: ignore[attr-defined]
+            tokenizer = tokenizer_from_gguf(weights.gguf_reader)
         else:
-            tokenizer = tokenizer_module.tokenizer_from_dir(path)  # type: ignore[attr-defined]
+            tokenizer = tokenizer_from_dir(path)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot load the tokenizer: {e}") from e
     if tokenizer.vocab_size > weights.args.vocab_size:
