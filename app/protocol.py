@@ -21,7 +21,9 @@ LOGPROB_FLOOR = -9999.0  # what JSON gets instead of -inf (vLLM's choice; the en
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    """Strict JSON types, as OpenAI checks them: "10" is not an integer, 1 is not a boolean (an int is a float)."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
 
 
 class StreamOptions(_Request):
