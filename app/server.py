@@ -572,17 +572,17 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         status, body = state.health()
         return JSONResponse(body, status_code=status)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])  # HEAD answers wherever GET does (RFC 9110)
     async def models() -> dict[str, Any]:
         state.require_engine()
         card = ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
         return ModelList(data=[card]).model_dump()
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str) -> dict[str, Any]:
         state.require_engine()
         state.check_model(model_id)
