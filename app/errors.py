@@ -93,7 +93,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"We could not parse the JSON body of your request: {first.get('msg', 'invalid JSON')}.", None
-    param = _where(first) or None
+    param = _where(first) or _blamed(first)
     messages = []
     for err in errors[:3]:
         where, text = _where(err), str(err.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -101,6 +101,11 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if line not in messages:
             messages.append(line)
     return "Invalid request: " + "; ".join(messages), param
+
+
+def _blamed(error: Any) -> str | None:
+    """The parameter a cross-field check names (protocol.FieldError carries it), else None."""
+    return getattr((error.get("ctx") or {}).get("error"), "param", None)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}

@@ -20,6 +20,14 @@ MAX_STOP_STRINGS = 4
 LOGPROB_FLOOR = -9999.0  # what JSON gets instead of -inf (vLLM's choice; the engine clamps there too)
 
 
+class FieldError(ValueError):
+    """A check across fields that still blames one parameter (the error envelope's `param`)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class _Request(BaseModel):
     """Strict JSON types, as OpenAI checks them: "10" is not an integer, 1 is not a boolean (an int is a float)."""
 
@@ -76,7 +84,7 @@ class SamplingFields(_Request):
     @model_validator(mode="after")
     def _check_stream_options(self) -> "SamplingFields":
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise FieldError("stream_options is only allowed when stream is true", "stream_options")
         return self
 
     def token_bias(self) -> dict[int, float]:
@@ -111,11 +119,11 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check_completion(self) -> "CompletionRequest":
         if self.best_of is not None and self.best_of not in (1, self.n or 1):
-            raise ValueError("best_of is only supported when it equals n (or 1)")
+            raise FieldError("best_of is only supported when it equals n (or 1)", "best_of")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise FieldError("suffix is not supported", "suffix")
         if (self.min_tokens or 0) > self.max_tokens_or_default():
-            raise ValueError("min_tokens must not exceed max_tokens")
+            raise FieldError("min_tokens must not exceed max_tokens", "min_tokens")
         return self
 
     def max_tokens_or_default(self) -> int:
@@ -171,14 +179,14 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check_chat(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise FieldError("top_logprobs requires logprobs to be true", "top_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format {self.response_format.type!r} is not supported (only 'text')")
+            raise FieldError(f"response_format {self.response_format.type!r} is not supported (only 'text')", "response_format")
         if self.tools:
-            raise ValueError("tools are not supported by this server")
+            raise FieldError("tools are not supported by this server", "tools")
         limit = self.requested_max_tokens()
         if limit is not None and (self.min_tokens or 0) > limit:
-            raise ValueError("min_tokens must not exceed max_tokens")
+            raise FieldError("min_tokens must not exceed max_tokens", "min_tokens")
         return self
 
     def requested_max_tokens(self) -> int | None:
