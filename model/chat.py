@@ -13,7 +13,8 @@ from typing import Mapping, Sequence
 from model.tokenizer import Tokenizer
 
 CHAT_FORMATS = ("chatml", "llama3", "llama2")
-ROLES = ("system", "developer", "user", "assistant")  # "developer" is OpenAI's newer name for system
+# "developer" is OpenAI's newer name for system; "function" the deprecated name for a tool result
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class ChatFormatError(ValueError):
@@ -80,7 +81,7 @@ def _check_format(fmt: str) -> str:
 
 
 def _canonical_role(role: str) -> str:
-    return "system" if role == "developer" else role
+    return {"developer": "system", "function": "tool"}.get(role, role)
 
 
 def _special(tokenizer: Tokenizer, text: str) -> int:
@@ -115,6 +116,7 @@ def _render_llama3(
         msgs = [("system", default_system), *msgs]
     ids = [begin]
     for role, content in msgs:
+        role = "ipython" if role == "tool" else role  # Llama 3.1+'s header for tool results
         ids += [head, *tokenizer.encode(role), head_end, *tokenizer.encode("\n\n" + content.strip()), eot]
     if add_generation_prompt:
         ids += [head, *tokenizer.encode("assistant"), head_end, *tokenizer.encode("\n\n")]

@@ -91,3 +91,67 @@ async def test_errors_between_fields_name_the_parameter() -> None:
             assert error["param"] == param, (body, error)
             assert error["message"].count("Invalid request") == 1
         await still_serves(client)
+
+
+async def test_tool_result_messages_are_rendered_not_rejected() -> None:
+    """A history with an assistant tool call (content null) and the tool's answer is a valid OpenAI request."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "function", "name": "f", "content": "7"},  # the deprecated spelling of a tool result
+    ]
+    async with serve_app() as client:
+        r = await client.post("/v1/chat/completions", json={**CHAT, "messages": messages})
+        assert r.status_code == 200, r.text
+        prompt = ("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n"
+                  "<|im_start|>tool\n7<|im_end|>\n<|im_start|>assistant\n")
+        assert r.json()["usage"]["prompt_tokens"] == chatml_count(prompt)
+        r = await client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "tool", "content": None}]})
+        assert_error(r, 400, param="messages")
+
+
+def test_tool_messages_in_llama3_use_the_ipython_header() -> None:
+    specials = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    tokenizer = ByteTokenizer(specials)
+    ids = render_chat([{"role": "user", "content": "q"}, {"role": "tool", "content": "42"}], tokenizer, "llama3")
+    text = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>"
+            "<|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert ids == tokenizer.encode(text, allow_special=True)
+
+
+async def test_chat_max_tokens_zero_is_400() -> None:
+    """OpenAI: "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1" (vLLM agrees)."""
+    async with serve_app() as client:
+        for field in ("max_tokens", "max_completion_tokens"):
+            assert_error(await client.post("/v1/chat/completions", json={**CHAT, field: 0}), 400, param=field)
+        # the legacy endpoint keeps max_tokens 0 (echo + logprobs scores a prompt)
+        assert (await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 0})).status_code == 200
+
+
+async def test_chat_context_overflow_counts_the_messages() -> None:
+    async with serve_app() as client:
+        r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": MAX_SEQ_LEN})
+        error = assert_error(r, 400, code="context_length_exceeded", param="messages")
+        prompt = chatml_count("<|im_start|>user\nhey<|im_end|>\n<|im_start|>assistant\n")
+        assert f"({prompt} in the messages, {MAX_SEQ_LEN} in the completion)" in error["message"]
+
+
+async def test_chat_top_logprobs_up_to_20() -> None:
+    """OpenAI's range for chat top_logprobs is 0..20 (the legacy endpoint's logprobs stays 0..5)."""
+    async with serve_app() as client:
+        r = await client.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 20})
+        assert r.status_code == 200, r.text
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert content and all(len(entry["top_logprobs"]) == 20 for entry in content)
+        assert_error(await client.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 21}), 400)
+        assert_error(await client.post("/v1/completions", json={**COMPLETION, "logprobs": 6}), 400, param="logprobs")
+
+
+async def test_every_chat_chunk_has_the_same_keys() -> None:
+    async with serve_app() as client:
+        body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        events, done, _ = parse_sse((await client.post("/v1/chat/completions", json=body)).text)
+    assert done and events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+    assert all(set(e) == set(events[0]) for e in events), [sorted(e) for e in events]
