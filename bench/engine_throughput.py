@@ -9,6 +9,11 @@ Reported per side:
 Ratios are ours / transformers. Do not run this on a busy machine: it warns when the load average
 is high, since spin-waiting OpenMP threads then lose most of their speed.
 
+Threads: every live thread that ran a parallel torch op keeps an OpenMP pool, and with more pool
+threads than cores libgomp stops spin-waiting (decode ~1.7x slower, docs/performance.md). So each
+side runs alone: torch work happens in short-lived threads, and a fresh Engine (whose thread exits
+on shutdown) is made for each measurement. Both sides get the server's GOMP_SPINCOUNT default.
+
     python -m bench.engine_throughput --threads 2 --batches 1 8 32 --prompt-tokens 64 --output-tokens 64
 """
 
@@ -16,12 +21,14 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "20000"  # what app/cli.py sets for the server; before torch starts
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -63,6 +70,35 @@ async def engine_run(engine: Engine, prompts: list[list[int]], output_tokens: in
     }
 
 
+def in_thread(fn: Any, *args: Any) -> Any:
+    """Run fn in a thread that exits afterwards, so its OpenMP pool does not outlive the work."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            box["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def measure_engine(loaded: Any, max_batch: int, prefill_chunk: int, prompts: list[list[int]], output_tokens: int) -> dict[str, float]:
+    """A fresh engine for one measurement: its thread (and OpenMP pool) is gone when this returns."""
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch, max_seq_len=loaded.model.max_seq_len,
+                    prefill_chunk=prefill_chunk)
+    engine.start()
+    try:
+        return asyncio.run(engine_run(engine, prompts, output_tokens))
+    finally:
+        engine.shutdown()
+
+
 def hf_run(model: torch.nn.Module, ids: torch.Tensor, output_tokens: int) -> dict[str, float]:
     from bench.hf_generate import TimingStreamer, generate
 
@@ -100,36 +136,31 @@ def main(argv: list[str] | None = None) -> int:
     from bench.hf_generate import prompt_batch
     from model.checkpoint import load_model
 
-    hf_model, hf_tokenizer = hf_load(args.model)  # its tokenizer also makes the shared prompts
+    hf_model, hf_tokenizer = in_thread(hf_load, args.model)  # its tokenizer also makes the shared prompts
     max_batch = max(args.batches)
-    loaded = load_model(args.model, max_batch_size=max_batch, max_seq_len=args.prompt_tokens + args.output_tokens + 8)
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch, max_seq_len=loaded.model.max_seq_len,
-                    prefill_chunk=args.prefill_chunk)
-    engine.start()
+    loaded = in_thread(lambda: load_model(args.model, max_batch_size=max_batch,
+                                          max_seq_len=args.prompt_tokens + args.output_tokens + 8))
     report: dict[str, Any] = {"threads": args.threads, "prompt_tokens": args.prompt_tokens,
                               "output_tokens": args.output_tokens, "load_avg": os.getloadavg()[0], "batches": {}}
-    try:
-        warm = prompt_batch(hf_tokenizer, 1, args.prompt_tokens, seed=999)
-        asyncio.run(engine_run(engine, warm.tolist(), 4))
+    warm = prompt_batch(hf_tokenizer, 1, args.prompt_tokens, seed=999)
+    measure_engine(loaded, max_batch, args.prefill_chunk, warm.tolist(), 4)
+    if not args.skip_hf:
+        in_thread(hf_run, hf_model, warm, 4)
+    print(f"{'N':>4} {'ours out tok/s':>15} {'ours decode':>12} {'hf out tok/s':>13} {'hf decode':>10} {'ratio out':>10} {'ratio dec':>10}")
+    for n in args.batches:
+        ids = prompt_batch(hf_tokenizer, n, args.prompt_tokens, seed=n)
+        ours = measure_engine(loaded, max_batch, args.prefill_chunk, ids.tolist(), args.output_tokens)
+        entry: dict[str, Any] = {"ours": ours}
+        line = f"{n:>4} {ours['output_tok_s']:>15.1f} {ours['decode_tok_s']:>12.1f}"
         if not args.skip_hf:
-            hf_run(hf_model, warm, 4)
-        print(f"{'N':>4} {'ours out tok/s':>15} {'ours decode':>12} {'hf out tok/s':>13} {'hf decode':>10} {'ratio out':>10} {'ratio dec':>10}")
-        for n in args.batches:
-            ids = prompt_batch(hf_tokenizer, n, args.prompt_tokens, seed=n)
-            ours = asyncio.run(engine_run(engine, ids.tolist(), args.output_tokens))
-            entry: dict[str, Any] = {"ours": ours}
-            line = f"{n:>4} {ours['output_tok_s']:>15.1f} {ours['decode_tok_s']:>12.1f}"
-            if not args.skip_hf:
-                theirs = hf_run(hf_model, ids, args.output_tokens)
-                entry["transformers"] = theirs
-                entry["ratio_output"] = ours["output_tok_s"] / theirs["output_tok_s"]
-                entry["ratio_decode"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
-                line += (f" {theirs['output_tok_s']:>13.1f} {theirs['decode_tok_s']:>10.1f}"
-                         f" {entry['ratio_output']:>10.2f} {entry['ratio_decode']:>10.2f}")
-            print(line, flush=True)
-            report["batches"][str(n)] = entry
-    finally:
-        engine.shutdown()
+            theirs = in_thread(hf_run, hf_model, ids, args.output_tokens)
+            entry["transformers"] = theirs
+            entry["ratio_output"] = ours["output_tok_s"] / theirs["output_tok_s"]
+            entry["ratio_decode"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
+            line += (f" {theirs['output_tok_s']:>13.1f} {theirs['decode_tok_s']:>10.1f}"
+                     f" {entry['ratio_output']:>10.2f} {entry['ratio_decode']:>10.2f}")
+        print(line, flush=True)
+        report["batches"][str(n)] = entry
     print(json.dumps(report))
     return 0
 

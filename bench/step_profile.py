@@ -1,0 +1,90 @@
+"""Where an engine step's time goes: the model's forward vs everything else (scheduling, sampling,
+detokenizing, stop strings), at one concurrency, on the default model.
+
+    python -m bench.step_profile --concurrency 32 --output-tokens 64
+
+Issue 6 asks that the server's own work stay <= 10% of step time at batch 32. The HTTP share is
+measured separately by comparing bench/loadgen's inter-token latency with this step time.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "20000"  # what app/cli.py sets for the server; before torch starts
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from app.engine import Engine, GenerationRequest  # noqa: E402
+from bench.engine_throughput import DEFAULT_MODEL, in_thread, warn_if_busy  # noqa: E402
+from model.checkpoint import load_model  # noqa: E402
+from model.sampling import SamplingParams  # noqa: E402
+
+
+class TimedModel:
+    """Wraps the model so every forward's wall time is recorded (the engine thread calls it)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.forward_s: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.model(*args, **kwargs)
+        self.forward_s.append(time.perf_counter() - start)
+        return out
+
+
+async def run(engine: Engine, n: int, prompt_tokens: int, output_tokens: int) -> float:
+    sampling = SamplingParams(temperature=0.8, top_p=0.95, seed=0)  # a realistic sampler, not argmax
+    prompts = [[(17 + 31 * i + 7 * t) % 40000 + 300 for t in range(prompt_tokens)] for i in range(n)]
+    start = time.perf_counter()
+    handles = [engine.submit(GenerationRequest(p, sampling, max_tokens=output_tokens, ignore_eos=True, stop=["\n\n\n"]))
+               for p in prompts]
+    for handle in handles:
+        async for _ in handle:
+            pass
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warn_if_busy(args.threads)
+    n = args.concurrency
+    loaded = in_thread(lambda: load_model(args.model, max_batch_size=n, max_seq_len=args.prompt_tokens + args.output_tokens + 8))
+    timed = TimedModel(loaded.model)
+    engine = Engine(timed, loaded.tokenizer, max_batch_size=n, max_seq_len=loaded.model.max_seq_len)  # type: ignore[arg-type]
+    engine.start()
+    try:
+        asyncio.run(run(engine, n, args.prompt_tokens, 4))  # warm-up
+        timed.forward_s.clear()
+        steps_before = engine.stats().steps
+        wall = asyncio.run(run(engine, n, args.prompt_tokens, args.output_tokens))
+        steps = engine.stats().steps - steps_before
+    finally:
+        engine.shutdown()
+    forward = sum(timed.forward_s)
+    print(f"concurrency {n}: {steps} steps in {wall:.2f} s ({wall / steps * 1000:.1f} ms/step), "
+          f"forward {forward:.2f} s, everything else {wall - forward:.2f} s "
+          f"= {(wall - forward) / wall * 100:.1f}% of the time (target <= 10%)")
+
+
+if __name__ == "__main__":
+    main()
