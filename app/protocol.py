@@ -168,8 +168,8 @@ class ResponseFormat(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1)  # OpenAI and vLLM: at least 1 (0 is a legacy-completions thing)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=5)
     response_format: ResponseFormat | None = None
