@@ -71,11 +71,11 @@ def from_engine_error(exc: Exception, *, prompt_param: str = "prompt") -> APIErr
     if isinstance(exc, EngineOverloaded):
         return unavailable(str(exc) or "The server is at capacity; retry shortly.", code="server_overloaded")
     if isinstance(exc, ContextLengthExceeded):
-        total = exc.prompt_tokens + exc.max_tokens
-        return bad_request(
+        total, what = exc.prompt_tokens + exc.max_tokens, "messages" if prompt_param == "messages" else "prompt"
+        return bad_request(  # OpenAI's wording, which clients match on
             f"This model's maximum context length is {exc.max_context} tokens. However, you requested {total} "
-            f"tokens ({exc.prompt_tokens} in the prompt, {exc.max_tokens} in the completion). Please reduce the "
-            "length of the prompt or the completion.",
+            f"tokens ({exc.prompt_tokens} in the {what}, {exc.max_tokens} in the completion). Please reduce the "
+            f"length of the {what} or the completion.",
             param=prompt_param,
             code="context_length_exceeded",
         )
