@@ -838,9 +838,8 @@ async def stream_chat(
             if out.finish_reason is not None:
                 yield chunk(c.index, {}, None, out.finish_reason)
         if include_usage:
-            usage = usage_of(choices).model_dump()
-            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                       "choices": [], "usage": usage})
+            last = ChatCompletionChunk(id=rid, created=created, model=state.model_name, choices=[], usage=usage_of(choices))
+            yield sse(last.model_dump())
     except Exception as e:  # noqa: BLE001 - after the 200 an error can only be an event
         yield error_event(e)
     yield sse("[DONE]")
