@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 LOGPROB_FLOOR = -9999.0  # logprobs are clamped here so JSON never carries -inf
-MAX_LOGPROBS = 5
+MAX_LOGPROBS = 20  # OpenAI chat top_logprobs range (the legacy endpoint limits itself to 5)
 TOP_P_CANDIDATES = 128  # first guess of how many best tokens hold any row's top_p mass
 
 
@@ -36,7 +36,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
-    logprobs: int | None = None  # alternatives per token (0..5); None = no logprobs
+    logprobs: int | None = None  # alternatives per token (0..20); None = no logprobs
 
     @property
     def greedy(self) -> bool:

@@ -212,7 +212,7 @@ def test_prompt_logprobs_are_finite_and_match_reference() -> None:
         (SamplingParams(presence_penalty=2.5), "presence_penalty"),
         (SamplingParams(frequency_penalty=-3), "frequency_penalty"),
         (SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
-        (SamplingParams(logprobs=6), "logprobs"),
+        (SamplingParams(logprobs=21), "logprobs"),
         (SamplingParams(logit_bias={V: 1.0}), "logit_bias"),
         (SamplingParams(logit_bias={1: 101.0}), "logit_bias"),
     ],
