@@ -375,16 +375,21 @@ class LegacyLogprobs:
         self.offset = offset
         self._detok = IncrementalDetokenizer(tokenizer)
 
-    def prompt(self, prompt_ids: list[int], entries: list[Any] | None, echo_len: int) -> CompletionLogprobs:
-        """The echoed prompt's logprobs (entry 0 and any missing entry null); offsets restart after it."""
+    def prompt(self, prompt_ids: list[int], entries: list[Any] | None, echo_text: str) -> CompletionLogprobs:
+        """The echoed prompt's logprobs (entry 0 and any missing entry null); offsets restart after it.
+
+        A control token the detokenizer drops still spans its name when the echoed text spells it out
+        (a text prompt with "<|im_start|>" in it); an added BOS spans nothing.
+        """
         out = CompletionLogprobs()
         detok, offset = IncrementalDetokenizer(self.tokenizer), 0
         entries = entries or []
         for k, token_id in enumerate(prompt_ids):
             entry = entries[k] if k < len(entries) else None
             self._append(out, token_id, entry, offset)
-            offset += len(detok.push(token_id))
-        self.offset = echo_len
+            piece, name = detok.push(token_id), self.names.specials.get(token_id)
+            offset += len(name) if not piece and name and echo_text.startswith(name, offset) else len(piece)
+        self.offset = len(echo_text)
         return out
 
     def take(self, entries: list[Any]) -> CompletionLogprobs:

@@ -740,7 +740,7 @@ def completion_response(
         logprobs = None
         if body.logprobs is not None:
             builder = LegacyLogprobs(tokenizer)
-            echoed = builder.prompt(c.prompt_ids, c.prompt_logprobs, len(c.echo_text)) if c.echo_text else None
+            echoed = builder.prompt(c.prompt_ids, c.prompt_logprobs, c.echo_text) if c.echo_text else None
             logprobs = merge_logprobs(*filter(None, [echoed, builder.take(c.logprobs)]))
         text = c.echo_text + "".join(c.text)
         out.append(CompletionChoice(text=text, index=c.index, logprobs=logprobs, finish_reason=c.finish_reason or "stop"))
@@ -793,7 +793,7 @@ async def stream_completion(
                 echo_pending.discard(c.index)
                 text = c.echo_text + text
                 if builder is not None:
-                    echoed = builder.prompt(c.prompt_ids, out.prompt_logprobs, len(c.echo_text))
+                    echoed = builder.prompt(c.prompt_ids, out.prompt_logprobs, c.echo_text)
             if builder is not None:
                 logprobs = merge_logprobs(*filter(None, [echoed, builder.take(out.logprobs or [])]))
             if text or out.finish_reason or (logprobs is not None and logprobs.tokens):

@@ -155,3 +155,22 @@ async def test_every_chat_chunk_has_the_same_keys() -> None:
         events, done, _ = parse_sse((await client.post("/v1/chat/completions", json=body)).text)
     assert done and events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
     assert all(set(e) == set(events[0]) for e in events), [sorted(e) for e in events]
+
+
+async def test_echo_text_offsets_count_control_token_text() -> None:
+    """text[offset[i]:offset[i+1]] is token i, also for control tokens written in a text prompt."""
+    body = {**COMPLETION, "prompt": "<|im_start|>hi", "echo": True, "logprobs": 0, "max_tokens": 2, "ignore_eos": True}
+    async with serve_app() as client:
+        for stream in (False, True):
+            r = await client.post("/v1/completions", json={**body, "stream": stream})
+            if stream:
+                events, _, _ = parse_sse(r.text)
+                chunks = [e["choices"][0] for e in events]
+                text = "".join(c["text"] for c in chunks)
+                tokens = [t for c in chunks for t in c["logprobs"]["tokens"]]
+                offsets = [o for c in chunks for o in c["logprobs"]["text_offset"]]
+            else:
+                choice = r.json()["choices"][0]
+                text, tokens, offsets = choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+            assert text.startswith("<|im_start|>hi") and tokens[:3] == ["<|im_start|>", "h", "i"]
+            assert offsets[:4] == [0, 12, 13, 14], offsets  # generated text starts right after the prompt
