@@ -182,8 +182,11 @@ class ChatCompletionRequest(SamplingFields):
             raise FieldError("top_logprobs requires logprobs to be true", "top_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
             raise FieldError(f"response_format {self.response_format.type!r} is not supported (only 'text')", "response_format")
-        if self.tools:
-            raise FieldError("tools are not supported by this server", "tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise FieldError("tool_choice 'required' or a named tool is not supported (this server makes no tool calls)",
+                             "tool_choice")
+        if self.tools and self.tool_choice != "none":  # with "none" the tools are only context; we ignore them
+            raise FieldError("tools are not supported by this server (send tool_choice 'none' to ignore them)", "tools")
         limit = self.requested_max_tokens()
         if limit is not None and (self.min_tokens or 0) > limit:
             raise FieldError("min_tokens must not exceed max_tokens", "min_tokens")

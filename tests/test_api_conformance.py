@@ -174,3 +174,15 @@ async def test_echo_text_offsets_count_control_token_text() -> None:
                 text, tokens, offsets = choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
             assert text.startswith("<|im_start|>hi") and tokens[:3] == ["<|im_start|>", "h", "i"]
             assert offsets[:4] == [0, 12, 13, 14], offsets  # generated text starts right after the prompt
+
+
+async def test_tools_with_tool_choice_none_are_served_and_a_forced_tool_call_is_400() -> None:
+    """Agent frameworks send their tools on every request; with tool_choice "none" no call may be made anyway."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    async with serve_app() as client:
+        r = await client.post("/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "none"})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"].get("tool_calls") is None, r.text
+        for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+            r = await client.post("/v1/chat/completions", json={**CHAT, "tool_choice": choice})
+            assert_error(r, 400, param="tool_choice")
+        assert_error(await client.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400, param="tools")
