@@ -555,7 +555,9 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
                 starting.cancel()
             await state.drain()
 
-    app = FastAPI(title="llamaserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(  # no trailing-slash redirects: an unknown path is a 404 in the envelope, as OpenAI answers
+        title="llamaserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False
+    )
     app.state.server = state
     install_error_handlers(app)
     # Outermost last: CORS answers preflights, then the key is checked before any body is read.

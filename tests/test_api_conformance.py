@@ -186,3 +186,11 @@ async def test_tools_with_tool_choice_none_are_served_and_a_forced_tool_call_is_
             r = await client.post("/v1/chat/completions", json={**CHAT, "tool_choice": choice})
             assert_error(r, 400, param="tool_choice")
         assert_error(await client.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400, param="tools")
+
+
+async def test_trailing_slash_is_an_invalid_url_not_a_bodyless_redirect() -> None:
+    """OpenAI answers 404 "Invalid URL" in the envelope; a 307 without a body left clients with nothing to show."""
+    async with serve_app() as client:
+        error = assert_error(await client.post("/v1/completions/", json=COMPLETION), 404, code="unknown_url")
+        assert "/v1/completions/" in error["message"]
+        assert_error(await client.get("/health/"), 404)
