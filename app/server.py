@@ -415,10 +415,14 @@ async def read_body(request: Request, model: type[BodyT]) -> BodyT:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"We could not parse the JSON body of your request: {e}.") from None
+    except RecursionError:
+        raise bad_request("The JSON body of your request is nested too deeply.") from None
     try:  # JSON may escape a lone surrogate ("\\ud800"): no tokenizer can encode that text
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise bad_request("The request contains invalid Unicode text (a lone surrogate escape).") from None
+    except RecursionError:
+        raise bad_request("The JSON body of your request is nested too deeply.") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -194,3 +194,13 @@ async def test_trailing_slash_is_an_invalid_url_not_a_bodyless_redirect() -> Non
         error = assert_error(await client.post("/v1/completions/", json=COMPLETION), 404, code="unknown_url")
         assert "/v1/completions/" in error["message"]
         assert_error(await client.get("/health/"), 404)
+
+
+async def test_deeply_nested_json_is_400_not_500() -> None:
+    deep = b'{"model": "tiny", "prompt": ' + b"[" * 50000 + b"]" * 50000 + b"}"
+    async with serve_app() as client:
+        for body in (b"[" * 100000, deep):
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                r = await client.post(path, content=body, headers={"content-type": "application/json"})
+                assert "nested" in assert_error(r, 400)["message"]
+        await still_serves(client)
