@@ -441,7 +441,18 @@ def check_sampling_ids(body: SamplingFields, vocab_size: int) -> None:
 
 
 def submit_all(engine: Engine, requests: list[GenerationRequest], prompt_param: str = "prompt") -> list[RequestHandle]:
-    """Submit every choice, or none: on a failure the earlier handles are cancelled and the error raised."""
+    """Submit every choice, or none: on a failure the earlier handles are cancelled and the error raised.
+
+    More choices than the queue holds cannot be admitted (all are queued before the engine takes any): a 400,
+    not a 503 that clients would retry in vain.
+    """
+    capacity = engine.max_queue
+    if len(requests) > capacity:
+        raise bad_request(
+            f"This request needs {len(requests)} completions (prompts x n), more than this server can take at once "
+            f"({capacity}); lower n or send fewer prompts per request.",
+            param="n",
+        )
     handles: list[RequestHandle] = []
     try:
         for request in requests:

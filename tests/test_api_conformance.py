@@ -13,7 +13,7 @@ import pytest
 
 from model.chat import render_chat
 from model.tokenizer import ByteTokenizer
-from tests.test_api_support import CHATML_SPECIALS, MAX_SEQ_LEN, MODEL, assert_error, parse_sse, serve_app
+from tests.test_api_support import CHATML_SPECIALS, MAX_SEQ_LEN, MODEL, assert_error, parse_sse, serve_app, settings
 
 pytestmark = pytest.mark.anyio
 
@@ -204,3 +204,14 @@ async def test_deeply_nested_json_is_400_not_500() -> None:
                 r = await client.post(path, content=body, headers={"content-type": "application/json"})
                 assert "nested" in assert_error(r, 400)["message"]
         await still_serves(client)
+
+
+async def test_more_choices_than_the_queue_holds_is_400_not_a_retryable_503() -> None:
+    """A request that can never be admitted must not be a 503: the SDK would retry it in vain."""
+    async with serve_app(settings(max_queue=4)) as client:
+        r = await client.post("/v1/completions", json={**COMPLETION, "prompt": ["a", "b", "c"], "n": 2})
+        error = assert_error(r, 400, param="n")
+        assert "6 completions" in error["message"] and "(4)" in error["message"]
+        r = await client.post("/v1/chat/completions", json={**CHAT, "n": 5})
+        assert_error(r, 400, param="n")
+        assert (await client.post("/v1/completions", json={**COMPLETION, "n": 4})).status_code == 200
