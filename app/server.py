@@ -61,6 +61,7 @@ from app.protocol import (
 from model.chat import ChatFormatError, default_system_prompt, detect_chat_format, end_of_turn_ids, render_chat
 from model.checkpoint import CheckpointError, LoadedModel
 from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
 
 log = logging.getLogger("llamaserve")
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -725,8 +726,21 @@ def completion_prompts(body: CompletionRequest, loaded: LoadedModel, add_bos: bo
             if not prompt:
                 raise bad_request(f"prompt {i} is an empty token list", param="prompt")
             check_ids(prompt, tokenizer.vocab_size, "prompt")
-            out.append((list(prompt), tokenizer.decode(prompt)))
+            out.append((list(prompt), spelled_out(tokenizer, prompt)))
     return out
+
+
+def spelled_out(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """Text of a token-id prompt for echo: control tokens by name (as a text prompt writes them), the rest decoded."""
+    names = {i: text for text, i in tokenizer.special_tokens.items()}
+    parts, run = [], []
+    for token_id in ids:
+        if token_id in names:
+            parts += [tokenizer.decode(run), names[token_id]]
+            run = []
+        else:
+            run.append(token_id)
+    return "".join(parts) + tokenizer.decode(run)
 
 
 def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, state: ServerState) -> list[int]:

@@ -215,3 +215,14 @@ async def test_more_choices_than_the_queue_holds_is_400_not_a_retryable_503() ->
         r = await client.post("/v1/chat/completions", json={**CHAT, "n": 5})
         assert_error(r, 400, param="n")
         assert (await client.post("/v1/completions", json={**COMPLETION, "n": 4})).status_code == 200
+
+
+async def test_echo_of_token_ids_spells_control_tokens_like_a_text_prompt() -> None:
+    """Echoed ids give the text their tokens name: "<|im_start|>hi" for [<|im_start|>, h, i], as for the text prompt."""
+    body = {**COMPLETION, "echo": True, "logprobs": 0, "max_tokens": 0}
+    async with serve_app() as client:
+        from_ids = (await client.post("/v1/completions", json={**body, "prompt": [256, *b"hi"]})).json()["choices"][0]
+        from_text = (await client.post("/v1/completions", json={**body, "prompt": "<|im_start|>hi"})).json()["choices"][0]
+    assert from_ids["text"] == from_text["text"] == "<|im_start|>hi"
+    assert from_ids["logprobs"] == from_text["logprobs"]
+    assert from_ids["logprobs"]["text_offset"] == [0, 12, 13]
