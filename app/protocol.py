@@ -10,14 +10,22 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 MAX_STOP_STRINGS = 4
 LOGPROB_FLOOR = -9999.0  # what JSON gets instead of -inf (vLLM's choice; the engine clamps there too)
+
+
+def _integral(value: Any) -> Any:
+    """2.0 -> 2: JSON Schema counts an integral number as an integer (clients computing a float send it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]  # a count/seed field: integers and integral floats only
 
 
 class FieldError(ValueError):
@@ -44,9 +52,9 @@ class SamplingFields(_Request):
     model: StrictStr
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    n: int | None = Field(1, ge=1, le=128)
+    n: Int | None = Field(1, ge=1, le=128)
     stop: StrictStr | list[StrictStr] | None = None
-    seed: int | None = None
+    seed: Int | None = None
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -54,12 +62,12 @@ class SamplingFields(_Request):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # self-hosted extras (vLLM names)
-    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    top_k: Int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: bool | None = False
-    min_tokens: int | None = Field(0, ge=0)
+    min_tokens: Int | None = Field(0, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -99,10 +107,10 @@ PromptType = Union[StrictStr, list[StrictInt], list[StrictStr], list[list[Strict
 
 class CompletionRequest(SamplingFields):
     prompt: PromptType
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    max_tokens: Int | None = Field(16, ge=0)
+    logprobs: Int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
-    best_of: int | None = Field(None, ge=1)
+    best_of: Int | None = Field(None, ge=1)
     suffix: str | None = None
 
     @field_validator("prompt", mode="wrap")
@@ -168,10 +176,10 @@ class ResponseFormat(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)  # OpenAI and vLLM: at least 1 (0 is a legacy-completions thing)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)  # OpenAI and vLLM: at least 1 (0 is a legacy-completions thing)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None

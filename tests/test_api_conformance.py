@@ -44,6 +44,7 @@ WRONG_TYPES: list[tuple[str, dict[str, Any], str]] = [
     ("/v1/completions", {**COMPLETION, "echo": 1}, "echo"),
     ("/v1/completions", {**COMPLETION, "logprobs": True}, "logprobs"),
     ("/v1/completions", {**COMPLETION, "n": "2"}, "n"),
+    ("/v1/completions", {**COMPLETION, "n": 1.5}, "n"),
     ("/v1/completions", {**COMPLETION, "seed": "7"}, "seed"),
     ("/v1/completions", {**COMPLETION, "logit_bias": {"65": "5"}}, "logit_bias"),
     ("/v1/chat/completions", {**CHAT, "logprobs": 1}, "logprobs"),
@@ -57,8 +58,9 @@ async def test_wrong_json_types_are_400_not_coerced() -> None:
         for path, body, param in WRONG_TYPES:
             error = assert_error(await client.post(path, json=body), 400)
             assert error["param"] is not None and error["param"].startswith(param), (body, error)
-        # numbers stay numbers: an int where a float is expected is fine, as in JSON Schema
-        for body in ({**COMPLETION, "temperature": 1, "top_p": 1}, {**COMPLETION, "logit_bias": {"65": -100}}):
+        # numbers stay numbers, as in JSON Schema: an int is a float, an integral float (2.0) an integer
+        for body in ({**COMPLETION, "temperature": 1, "top_p": 1}, {**COMPLETION, "logit_bias": {"65": -100}},
+                     {**COMPLETION, "max_tokens": 2.0, "n": 1.0, "seed": 3.0, "logprobs": 1.0}):
             assert (await client.post("/v1/completions", json=body)).status_code == 200, body
         await still_serves(client)
 
