@@ -134,6 +134,22 @@ def test_sampling_follows_the_distribution() -> None:
     assert freq[4] == 0 and freq[3] == 0  # outside the top 4
 
 
+def test_draw_across_blocks_follows_the_distribution_and_skips_filtered_tokens() -> None:
+    """The two-level inverse CDF: mass spread over several blocks, filtered tokens at block edges."""
+    rows, vocab = 6000, 1000  # not a multiple of the block size
+    allowed = [0, 255, 256, 511, 700, 998]  # first/last token of blocks and a token near the end
+    logits = torch.full((vocab,), -math.inf)
+    logits[torch.tensor(allowed)] = torch.tensor([0.0, 1.0, 0.5, -0.5, 1.5, 0.2])
+    sampler = Sampler(rows, vocab, seed=7)
+    for slot in range(rows):
+        sampler.set_slot(slot, SamplingParams(temperature=1.0), [0])
+    drawn = sampler.sample(logits.expand(rows, vocab).clone(), list(range(rows))).token_ids
+    freq = np.bincount(drawn, minlength=vocab) / rows
+    expected = torch.softmax(logits, -1).numpy()
+    assert set(drawn) <= set(allowed)
+    np.testing.assert_allclose(freq[allowed], expected[allowed], atol=0.03)
+
+
 def seeded_run(slot: int, others: int, seed: int, steps: int = 20) -> list[int]:
     """Draw `steps` tokens for a seeded request in `slot`, next to `others` unseeded rows."""
     sampler = Sampler(8, V)
