@@ -148,6 +148,18 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def check_bounds(self, positions: torch.Tensor, kv_len: int | None) -> int:
+        """The kv_len to use; a bad bound is an error here, not a shape error deep in attention or,
+        worse (kv_len too small), queries that silently miss their own keys."""
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0 or high >= self.max_seq_len:
+            raise ValueError(f"positions must be in [0, {self.max_seq_len}), got {low}..{high}")
+        if kv_len is None:
+            return high + 1
+        if not high < kv_len <= self.max_seq_len:
+            raise ValueError(f"kv_len {kv_len} must be in ({high}, {self.max_seq_len}] (max position {high}, max_seq_len)")
+        return kv_len
+
     @torch.inference_mode()
     def forward(
         self,
@@ -164,8 +176,7 @@ class Transformer(nn.Module):
         each query attends to the keys of its own slot at positions <= its own. Returns fp32 logits
         (B, V) for the last column, or (B, T, V) with all_logits.
         """
-        if kv_len is None:
-            kv_len = int(positions.max()) + 1
+        kv_len = self.check_bounds(positions, kv_len)
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
         cos = self.rope_cos[positions][:, None]

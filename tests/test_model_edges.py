@@ -1,0 +1,102 @@
+"""Edge cases of the model package: forward's kv_len / position bounds, mixed prefill+decode batches
+with padding rows as the engine builds them, half-precision models, config parsing, loader paths.
+
+The oracle for a batched row is the same model run on that row alone in a fresh cache.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.args import ModelArgs, UnsupportedArchitectureError
+from model.checkpoint import CheckpointError, load_model
+from tests.conftest import tiny_model
+
+SEQ = 32
+
+
+def alone(prompt: list[int], start_tokens: list[int] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """All-column logits of `prompt` run after `start_tokens` in slot 0 of a fresh model."""
+    model = tiny_model(max_batch_size=1, max_seq_len=SEQ).to(dtype)
+    prefix = start_tokens or []
+    if prefix:
+        model(torch.tensor([prefix]), torch.arange(len(prefix))[None])
+    positions = torch.arange(len(prefix), len(prefix) + len(prompt))[None]
+    return model(torch.tensor([prompt]), positions, all_logits=True)[0]
+
+
+def test_kv_len_larger_than_needed_changes_nothing() -> None:
+    model = tiny_model(max_seq_len=SEQ)
+    tokens, positions = torch.tensor([[5, 6, 7]]), torch.arange(3)[None]
+    exact = model(tokens, positions, all_logits=True)
+    padded = model(tokens, positions, kv_len=SEQ, all_logits=True)
+    torch.testing.assert_close(padded, exact, rtol=0, atol=1e-5)
+
+
+def test_kv_len_smaller_than_a_position_is_an_error() -> None:
+    model = tiny_model(max_seq_len=SEQ)
+    with pytest.raises(ValueError, match="kv_len"):
+        model(torch.tensor([[5, 6, 7]]), torch.arange(3)[None], kv_len=2)
+
+
+def test_kv_len_beyond_the_cache_is_an_error() -> None:
+    model = tiny_model(max_seq_len=SEQ)
+    with pytest.raises(ValueError, match="kv_len"):
+        model(torch.tensor([[5]]), torch.tensor([[0]]), kv_len=SEQ + 1)
+
+
+def test_last_position_works_and_one_past_it_is_an_error() -> None:
+    prompt = list(range(3, 3 + SEQ))
+    logits = alone(prompt)
+    assert logits.shape == (SEQ, 259) and torch.isfinite(logits).all()
+    model = tiny_model(max_seq_len=SEQ)
+    with pytest.raises(ValueError, match="position"):
+        model(torch.tensor([[5]]), torch.tensor([[SEQ]]))
+    with pytest.raises(ValueError, match="position"):
+        model(torch.tensor([[5]]), torch.tensor([[-1]]))
+
+
+def test_mixed_prefill_rows_with_own_starts_and_unsorted_slots_match_alone() -> None:
+    """Rows at different start positions, in slots 3, 0, 2 (not sorted), the short row padded the
+    engine's way (its last token and position repeated): every real column equals the row alone."""
+    model = tiny_model(max_batch_size=4, max_seq_len=SEQ)
+    history = {3: [9, 8, 7, 6, 5], 0: [], 2: [40]}
+    chunks = {3: [11, 12, 13], 0: [21, 22, 23], 2: [31]}
+    slots = [3, 0, 2]
+    for slot in slots:  # each slot's earlier tokens
+        if history[slot]:
+            model(torch.tensor([history[slot]]), torch.arange(len(history[slot]))[None], torch.tensor([slot]))
+    rows, positions = [], []
+    for slot in slots:
+        start, chunk = len(history[slot]), chunks[slot]
+        pos = list(range(start, start + len(chunk)))
+        rows.append(chunk + [chunk[-1]] * (3 - len(chunk)))
+        positions.append(pos + [pos[-1]] * (3 - len(pos)))
+    logits = model(
+        torch.tensor(rows), torch.tensor(positions), torch.tensor(slots),
+        kv_len=max(max(p) for p in positions) + 1, all_logits=True,
+    )
+    for b, slot in enumerate(slots):
+        expected = alone(chunks[slot], history[slot])
+        n = len(chunks[slot])
+        torch.testing.assert_close(logits[b, :n], expected, rtol=0, atol=1e-4)
+        # padding columns repeat the last real one
+        torch.testing.assert_close(logits[b, n:], expected[-1:].expand(3 - n, -1), rtol=0, atol=1e-4)
+    # the padded row's slot holds the right keys: a decode after it still matches alone
+    step = model(torch.tensor([[32]]), torch.tensor([[2]]), torch.tensor([2]))
+    torch.testing.assert_close(step[0], alone([31, 32], [40])[-1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_runs_on_cpu_with_fp32_logits(dtype: torch.dtype) -> None:
+    prompt = [1, 50, 60, 70, 80, 90]
+    reference = alone(prompt)
+    logits = alone(prompt, dtype=dtype)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert (logits - reference).abs().max() < 0.05 * reference.abs().max() + 0.5
