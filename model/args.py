@@ -84,33 +84,23 @@ class ModelArgs:
             raise UnsupportedArchitectureError(
                 f"unsupported model_type {model_type!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        scaling = config.get("rope_scaling") or config.get("rope_parameters") or None
-        rope_scaling = None
-        if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
-            rope_scaling = RopeScaling(
-                factor=scaling["factor"],
-                low_freq_factor=scaling["low_freq_factor"],
-                high_freq_factor=scaling["high_freq_factor"],
-                original_max_position_embeddings=scaling["original_max_position_embeddings"],
-            )
-        elif scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise UnsupportedArchitectureError(f"unsupported rope scaling {scaling!r}: only 'llama3' is")
         rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         eos = config.get("eos_token_id")
         eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        dim, n_heads = required(config, "hidden_size"), required(config, "num_attention_heads")
         values: dict[str, Any] = dict(
-            dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"],
-            n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-            vocab_size=config["vocab_size"],
-            hidden_dim=config["intermediate_size"],
-            head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+            dim=dim,
+            n_layers=required(config, "num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads", n_heads),
+            vocab_size=required(config, "vocab_size"),
+            hidden_dim=required(config, "intermediate_size"),
+            head_dim=config.get("head_dim") or dim // n_heads,
             norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            rope_scaling=rope_scaling,
+            rope_scaling=hf_rope_scaling(config.get("rope_scaling") or config.get("rope_parameters")),
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=eos_ids[0] if eos_ids else None,
             stop_token_ids=list(eos_ids),
@@ -119,7 +109,6 @@ class ModelArgs:
         )
         values.update(overrides)
         return cls(**values)
-
 
     @classmethod
     def from_gguf_metadata(
@@ -176,6 +165,29 @@ class ModelArgs:
 
 
 _REQUIRED = object()
+
+
+def required(config: dict[str, Any], name: str, where: str = "HF config") -> Any:
+    """config[name], or an error naming the missing field (a bare KeyError says too little)."""
+    if name not in config:
+        raise ValueError(f"{where} lacks the required field {name!r}")
+    return config[name]
+
+
+def hf_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
+    """HF `rope_scaling` (or transformers 5's `rope_parameters`): none/default, or Llama 3.1's `llama3`."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise UnsupportedArchitectureError(f"unsupported rope scaling {scaling!r}: only 'llama3' is")
+    where = "HF rope_scaling"
+    return RopeScaling(
+        factor=required(scaling, "factor", where),
+        low_freq_factor=required(scaling, "low_freq_factor", where),
+        high_freq_factor=required(scaling, "high_freq_factor", where),
+        original_max_position_embeddings=required(scaling, "original_max_position_embeddings", where),
+    )
 
 
 def gguf_value(fields: Any, name: str, default: Any = _REQUIRED) -> Any:

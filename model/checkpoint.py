@@ -243,7 +243,12 @@ def _read_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / 'config.json'}: unreadable: {e}") from e
-    args = ModelArgs.from_hf_config(config)
+    try:
+        args = ModelArgs.from_hf_config(config)
+    except UnsupportedArchitectureError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
     files = hf_weight_files(path)
     state: dict[str, torch.Tensor] = {}
     for file in files:

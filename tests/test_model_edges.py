@@ -100,3 +100,75 @@ def test_half_precision_model_runs_on_cpu_with_fp32_logits(dtype: torch.dtype) -
     logits = alone(prompt, dtype=dtype)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert (logits - reference).abs().max() < 0.05 * reference.abs().max() + 0.5
+
+
+HF_CONFIG = dict(
+    model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=259, intermediate_size=128, max_position_embeddings=256,
+)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "default"}, {"type": "default"}])
+def test_hf_config_without_rope_scaling(rope_scaling: dict | None) -> None:
+    args = ModelArgs.from_hf_config({**HF_CONFIG, "rope_scaling": rope_scaling})
+    assert args.rope_scaling is None and args.head_dim == 16 and args.n_kv_heads == 2
+
+
+def test_hf_config_linear_rope_scaling_is_a_clear_error() -> None:
+    with pytest.raises(UnsupportedArchitectureError, match="linear"):
+        ModelArgs.from_hf_config({**HF_CONFIG, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+
+
+@pytest.mark.parametrize("missing", ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"])
+def test_hf_config_missing_field_is_an_error_naming_it(missing: str) -> None:
+    config = {k: v for k, v in HF_CONFIG.items() if k != missing}
+    with pytest.raises(ValueError, match=missing):
+        ModelArgs.from_hf_config(config)
+
+
+def test_hf_config_llama3_rope_scaling_missing_key_is_an_error_naming_it() -> None:
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        ModelArgs.from_hf_config({**HF_CONFIG, "rope_scaling": scaling})
+
+
+def test_hf_dir_with_a_config_missing_a_field_is_a_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in HF_CONFIG.items() if k != "intermediate_size"}))
+    with pytest.raises(CheckpointError, match="config.json.*intermediate_size"):
+        load_model(tmp_path)
+
+
+def test_llama2_params_json_vocab_size_minus_one_is_read_from_the_embedding(tmp_path: Path) -> None:
+    params = dict(dim=64, n_layers=1, n_heads=4, multiple_of=32, norm_eps=1e-5, vocab_size=-1)
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    args = ModelArgs.from_params_json(tmp_path / "params.json")
+    state = {
+        "tok_embeddings.weight": torch.randn(259, 64), "norm.weight": torch.ones(64), "output.weight": torch.randn(259, 64),
+        "layers.0.attention_norm.weight": torch.ones(64), "layers.0.ffn_norm.weight": torch.ones(64),
+        "layers.0.attention.wq.weight": torch.randn(64, 64), "layers.0.attention.wk.weight": torch.randn(64, 64),
+        "layers.0.attention.wv.weight": torch.randn(64, 64), "layers.0.attention.wo.weight": torch.randn(64, 64),
+        "layers.0.feed_forward.w1.weight": torch.randn(args.hidden_dim, 64),
+        "layers.0.feed_forward.w3.weight": torch.randn(args.hidden_dim, 64),
+        "layers.0.feed_forward.w2.weight": torch.randn(64, args.hidden_dim),
+        "rope.freqs": torch.ones(8),
+    }
+    torch.save(state, tmp_path / "consolidated.00.pth")
+    from model.checkpoint import load_weights
+
+    loaded = load_weights(tmp_path, max_batch_size=1, max_seq_len=16)
+    assert loaded.args.vocab_size == 259
+    logits = loaded.model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None])
+    assert logits.shape == (1, 259)
+
+
+def test_load_model_on_an_empty_dir_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint"):
+        load_model(tmp_path)
+
+
+def test_load_model_on_a_non_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
+    for name in ("weights.bin", "model.gguf"):
+        path = tmp_path / name
+        path.write_bytes(b"not a model at all" * 10)
+        with pytest.raises(CheckpointError, match=name):
+            load_model(path, cache_weights=False)
