@@ -19,12 +19,16 @@ from typing import Iterator, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from model.sampling import Sampler, SamplingParamError, SamplingParams, validate_sampling
+from model.chat import default_system_prompt, detect_chat_format, end_of_turn_ids, render_chat  # noqa: E402
+from model.checkpoint import CheckpointError, LoadedModel, load_model  # noqa: E402
+from model.llama import Transformer  # noqa: E402
+from model.sampling import Sampler, SamplingParamError, SamplingParams, validate_sampling  # noqa: E402
+from model.tokenizer import IncrementalDetokenizer  # noqa: E402
 
 
 @torch.inference_mode()
 def generate_tokens(
-    model: torch.nn.Module,
+    model: Transformer,
     prompt_ids: Sequence[int],
     params: SamplingParams,
     *,
@@ -33,10 +37,9 @@ def generate_tokens(
     prefill_chunk: int = 256,
 ) -> Iterator[int]:
     """Yield generated ids one at a time (a stop id is yielded, then generation ends)."""
-    vocab_size = model.args.vocab_size  # type: ignore[union-attr]
-    sampler = Sampler(1, vocab_size, model.tok_embeddings.weight.device)  # type: ignore[union-attr]
+    device = model.tok_embeddings.weight.device
+    sampler = Sampler(1, model.args.vocab_size, device)
     sampler.set_slot(0, params, prompt_ids)
-    device = model.tok_embeddings.weight.device  # type: ignore[union-attr]
     tokens = list(prompt_ids)
     logits = None
     for start in range(0, len(tokens), prefill_chunk):  # chunked prefill bounds the activation memory
@@ -46,7 +49,7 @@ def generate_tokens(
         assert logits is not None
         token = sampler.sample(logits, [0]).token_ids[0]
         yield token
-        if token in stop_ids or len(tokens) >= model.max_seq_len:  # type: ignore[union-attr]
+        if token in stop_ids or len(tokens) >= model.max_seq_len:
             return
         tokens.append(token)
         position = torch.tensor([[len(tokens) - 1]], device=device)
@@ -69,14 +72,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prompt_ids(loaded, text: str, chat: bool, bos: bool) -> tuple[list[int], frozenset[int]]:  # type: ignore[no-untyped-def]
+def prompt_ids(loaded: LoadedModel, text: str, chat: bool, bos: bool) -> tuple[list[int], frozenset[int]]:
     """The prompt ids and the ids that end the reply."""
     tokenizer = loaded.tokenizer
     stops = set(tokenizer.stop_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
     if not chat:
         return tokenizer.encode(text, bos=bos), frozenset(stops)
-    from model.chat import default_system_prompt, detect_chat_format, end_of_turn_ids, render_chat
-
     fmt = detect_chat_format(loaded.chat_template, tokenizer)
     system = default_system_prompt(loaded.chat_template) if fmt == "chatml" else None
     ids = render_chat([{"role": "user", "content": text}], tokenizer, fmt, default_system=system)
@@ -88,16 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    if not os.path.exists(args.model):
-        print(f"error: no model at {args.model}", file=sys.stderr)
-        return 2
-    from model.checkpoint import load_model
-    from model.tokenizer import IncrementalDetokenizer
-
-    loaded = load_model(args.model, max_batch_size=1, max_seq_len=args.max_seq_len)
     try:
+        loaded = load_model(args.model, max_batch_size=1, max_seq_len=args.max_seq_len)
         validate_sampling(params, loaded.args.vocab_size)
-    except SamplingParamError as e:
+    except (CheckpointError, SamplingParamError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ids, stop_ids = prompt_ids(loaded, args.prompt, args.chat, args.bos)

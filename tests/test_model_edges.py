@@ -218,3 +218,28 @@ def test_fetch_into_a_cache_dir_that_cannot_be_created_is_a_fetch_error(
         fetch.ensure_default_model(progress=False)
     assert fetch.main(["--quiet"]) == 1
     assert no_download == []
+
+
+# ---- the offline CLI ----------------------------------------------------------------------------
+
+
+def run_generate(*argv: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "model.generate", "--threads", "2", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+
+
+def test_generate_cli_chat_on_the_default_model_answers_paris(smollm2_path: Path) -> None:
+    result = run_generate("--model", str(smollm2_path), "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "prompt tokens" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["missing.gguf", "notes.txt"])
+def test_generate_cli_with_a_bad_model_exits_2_with_a_clear_message(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name.endswith(".txt"):
+        path.write_text("not a model")
+    result = run_generate("--model", str(path), "--prompt", "hi")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and str(path) in result.stderr and "Traceback" not in result.stderr
