@@ -350,10 +350,11 @@ class Engine:
             self._fail_all(RequestFailed("the engine was shut down"))
 
     def stats(self) -> EngineStats:
-        running = len(self._running)
+        with self._cond:  # admission moves a request from waiting to running under this lock
+            running, waiting = len(self._running), len(self._waiting)
         return EngineStats(
             running=running,
-            waiting=len(self._waiting),
+            waiting=waiting,
             free_slots=self.max_batch_size - running,
             max_batch_size=self.max_batch_size,
             prompt_tokens_total=self._prompt_tokens_total,
@@ -372,7 +373,8 @@ class Engine:
             self._cond.notify()
 
     def _busy(self) -> bool:
-        return bool(self._running) or bool(self._waiting)
+        with self._cond:  # see _admit: read both sides of the move at once
+            return bool(self._running) or bool(self._waiting)
 
     def _new_sequence(self, handle: RequestHandle, request: GenerationRequest, order: int, now: float) -> _Sequence:
         stops = set(request.stop_token_ids)
@@ -442,22 +444,27 @@ class Engine:
             seq.handle._put(_END)
 
     def _admit(self) -> None:
+        # A request stays in _waiting until it is in _running (only this thread removes it), so
+        # drain() and stats() never see it in neither place while its slot is being set up.
         while self._free:
             with self._cond:
                 if not self._waiting:
                     return
-                seq = self._waiting.popleft()
-            slot = heapq.heappop(self._free)
+                seq = self._waiting[0]
+            slot = self._free[0]
             suppress = sorted(seq.stop_ids) if seq.request.min_tokens > 0 else ()
             try:
                 self.sampler.set_slot(slot, seq.request.sampling, seq.request.prompt_ids, suppress)
             except Exception as e:  # one bad request (e.g. a logit_bias id that got past validation)
-                heapq.heappush(self._free, slot)
+                with self._cond:
+                    self._waiting.popleft()
                 self._fail(seq, e)
                 continue
-            seq.slot = slot
+            seq.slot = heapq.heappop(self._free)
             seq.timings.scheduled = time.monotonic()
-            self._running[slot] = seq
+            with self._cond:
+                self._running[slot] = seq
+                self._waiting.popleft()
             if seq.request.max_tokens == 0 and seq.prompt_lps is None:  # nothing to compute at all
                 self._finish_without_tokens(seq)
 
