@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from model.args import ModelArgs, UnsupportedArchitectureError
+from model import fetch, gguf_weights
+from model.args import ModelArgs, UnsupportedArchitectureError, gguf_value
 from model.llama import Transformer
 from model.tokenizer import Tokenizer, tokenizer_from_dir, tokenizer_from_gguf
 
@@ -108,7 +108,7 @@ def load_weights(
         raise CheckpointError(f"{path}: no such file or directory; expected one of: {'; '.join(SUPPORTED_FORMATS)}")
     try:
         if path.is_file() and path.suffix == ".gguf":
-            cache = (Path(cache_dir) if cache_dir else default_cache_dir()) if cache_weights else None
+            cache = (Path(cache_dir) if cache_dir else fetch.cache_dir()) if cache_weights else None
             args, state, name, template, reader = _read_gguf(path, cache)
         elif path.is_dir() and (path / "params.json").exists():
             args, state = _read_meta(path)
@@ -180,9 +180,6 @@ def gguf_model_name(path: Path) -> str:
 
 
 def _read_gguf(path: Path, cache: Path | None) -> tuple[ModelArgs, dict[str, torch.Tensor], str, str | None, Any]:
-    from model import gguf_weights
-    from model.args import gguf_value
-
     cached = gguf_weights.read_cached(path, cache) if cache is not None else None
     if cached is not None:  # warm start: no GGUF parsing at all
         state, args, reader = cached
@@ -198,11 +195,6 @@ def _read_gguf(path: Path, cache: Path | None) -> tuple[ModelArgs, dict[str, tor
         state = gguf_weights.load_state(reader, args, path, cache)
     template = gguf_value(reader.fields, "tokenizer.chat_template", None)
     return args, state, gguf_model_name(path), template, reader
-
-
-def default_cache_dir() -> Path:
-    """$LLAMASERVE_CACHE_DIR or ~/.cache/llamaserve (the same place `python -m model.fetch` uses)."""
-    return Path(os.environ.get("LLAMASERVE_CACHE_DIR") or Path.home() / ".cache" / "llamaserve")
 
 
 # ---- HF safetensors ---------------------------------------------------------------------------
@@ -333,11 +325,9 @@ def _read_meta(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
 
 def unpermute_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta's interleaved rotary pairs -> rotate_half halves (same as llama.cpp's layout)."""
-    from model.gguf_weights import unpermute_rotary
-
     if w.shape[0] % (2 * n_heads):
         raise CheckpointError(f"rotary weight of shape {list(w.shape)} does not split into {n_heads} heads")
-    return unpermute_rotary(w, n_heads)
+    return gguf_weights.unpermute_rotary(w, n_heads)
 
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:

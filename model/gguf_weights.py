@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from model.args import ModelArgs, RopeScaling
+from model.llama import rope_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,6 @@ def planned_shapes(reader) -> dict[str, tuple[int, ...]]:  # type: ignore[no-unt
 def check_rope_freqs(reader, args: ModelArgs) -> None:  # type: ignore[no-untyped-def]
     """Llama 3.1 GGUFs carry the rope scaling as per-frequency factors: make sure ours match them."""
     from model.checkpoint import CheckpointError
-    from model.llama import rope_frequencies
 
     tensor = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
     if tensor is None:
