@@ -148,9 +148,12 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def check_bounds(self, positions: torch.Tensor, kv_len: int | None) -> int:
-        """The kv_len to use; a bad bound is an error here, not a shape error deep in attention or,
+    def check_bounds(self, positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None) -> int:
+        """The kv_len to use; a bad bound is an error here, not an index error deep in the cache or,
         worse (kv_len too small), queries that silently miss their own keys."""
+        rows = positions.shape[0] if slots is None else int(slots.max()) + 1
+        if rows > self.max_batch_size or (slots is not None and int(slots.min()) < 0):
+            raise ValueError(f"slots must be in [0, {self.max_batch_size}) (slots=None: one row per slot)")
         low, high = int(positions.min()), int(positions.max())
         if low < 0 or high >= self.max_seq_len:
             raise ValueError(f"positions must be in [0, {self.max_seq_len}), got {low}..{high}")
@@ -176,7 +179,7 @@ class Transformer(nn.Module):
         each query attends to the keys of its own slot at positions <= its own. Returns fp32 logits
         (B, V) for the last column, or (B, T, V) with all_logits.
         """
-        kv_len = self.check_bounds(positions, kv_len)
+        kv_len = self.check_bounds(positions, slots, kv_len)
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
         cos = self.rope_cos[positions][:, None]

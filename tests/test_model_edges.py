@@ -243,3 +243,11 @@ def test_generate_cli_with_a_bad_model_exits_2_with_a_clear_message(tmp_path: Pa
     result = run_generate("--model", str(path), "--prompt", "hi")
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and str(path) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_slots_outside_the_cache_are_an_error() -> None:
+    model = tiny_model(max_batch_size=2, max_seq_len=SEQ)
+    with pytest.raises(ValueError, match="slot"):
+        model(torch.tensor([[5]]), torch.tensor([[0]]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="slot"):
+        model(torch.tensor([[5], [6], [7]]), torch.zeros(3, 1, dtype=torch.long))  # slots=None: rows 0..2
