@@ -23,11 +23,16 @@ import torch
 LOGPROB_FLOOR = -9999.0  # logprobs are clamped here so JSON never carries -inf
 MAX_LOGPROBS = 20  # OpenAI chat top_logprobs range (the legacy endpoint limits itself to 5)
 TOP_P_CANDIDATES = 128  # first guess of how many best tokens hold any row's top_p mass
+# Below this temperature a row is greedy (vLLM's rule): x / T overflows fp32 for T ~ 1e-37, and the
+# softmax of inf is NaN. A repetition penalty is applied as at least MIN_PENALTY for the same reason
+# (a value that rounds to 0 in fp32 divided the seen logits by zero).
+GREEDY_BELOW = 1e-5
+MIN_PENALTY = 1e-6
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0 = off
     min_p: float = 0.0
@@ -40,7 +45,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -147,7 +152,7 @@ class Sampler:
         self.min_p[slot] = params.min_p
         self.presence[slot] = params.presence_penalty
         self.frequency[slot] = params.frequency_penalty
-        self.repetition[slot] = params.repetition_penalty
+        self.repetition[slot] = max(params.repetition_penalty, MIN_PENALTY)
 
     def sample(self, logits: torch.Tensor, slots: Sequence[int], suppress: Sequence[bool] | None = None) -> SampleOutput:
         """Pick one token per row of `logits` (B, V) fp32; row b belongs to slot `slots[b]`.

@@ -275,3 +275,78 @@ def test_filters_on_a_large_vocabulary_match_transformers(scale: float) -> None:
         ref = hf_reference(logits[row], p)
         assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(ref)), (p, int(torch.isfinite(ours[row]).sum()), int(torch.isfinite(ref).sum()))
         torch.testing.assert_close(torch.softmax(ours[row], -1), torch.softmax(ref, -1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1e-7])
+def test_vanishing_temperature_is_greedy_not_garbage(temperature: float) -> None:
+    """x / T overflows fp32 for T ~ 1e-37; softmax of inf was NaN and every draw fell on token 0."""
+    sampler = Sampler(4, V)
+    params = SamplingParams(temperature=temperature, top_p=0.9, seed=1)
+    validate_sampling(params, V)  # a valid request
+    logits = random_logits(4, seed=3)
+    for slot in range(4):
+        sampler.set_slot(slot, params, [1])
+    for _ in range(3):
+        assert sampler.sample(logits, [0, 1, 2, 3]).token_ids == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("penalty", [1e-30, 1e-50])
+def test_tiny_repetition_penalty_keeps_the_distribution_finite(penalty: float) -> None:
+    """A penalty that rounds to 0 in fp32 divided by zero; the sampled token must still be a seen one."""
+    sampler = Sampler(2, V)
+    params = SamplingParams(temperature=1.0, repetition_penalty=penalty)
+    validate_sampling(params, V)
+    logits = random_logits(2, seed=4)
+    seen = [int(logits[0].argsort()[V // 2]), int(logits[0].argsort()[V // 2 + 1])]  # middling logits
+    logits[:, seen] = logits[:, seen].abs() + 0.1  # positive: a penalty < 1 multiplies them up
+    for slot in range(2):
+        sampler.set_slot(slot, params, seen)
+    x = sampler.processed_logits(logits, [0, 1])
+    assert not torch.isnan(x).any() and not torch.isposinf(x).any()
+    for _ in range(5):
+        assert set(sampler.sample(logits, [0, 1]).token_ids) <= set(seen)
+
+
+def test_top_k_one_and_min_p_one_are_greedy_under_sampling() -> None:
+    sampler = Sampler(4, V)
+    logits = random_logits(4, seed=5)
+    sampler.set_slot(0, SamplingParams(temperature=1.5, top_k=1, seed=3), [1])
+    sampler.set_slot(1, SamplingParams(temperature=1.5, min_p=1.0), [1])
+    sampler.set_slot(2, SamplingParams(temperature=1.5, top_p=1e-9), [1])
+    sampler.set_slot(3, SamplingParams(temperature=2.0, logit_bias={7: 100.0}), [1])
+    expected = logits.argmax(-1).tolist()[:3] + [7]
+    for _ in range(20):
+        assert sampler.sample(logits, [0, 1, 2, 3]).token_ids == expected
+
+
+def test_logit_bias_minus_100_bans_under_sampling_and_counts_record_the_choice() -> None:
+    sampler = Sampler(2, V)
+    logits = random_logits(2, seed=6)
+    best = logits.argmax(-1).tolist()
+    sampler.set_slot(0, SamplingParams(temperature=1.0, logit_bias={best[0]: -100.0}, logprobs=2), [1])
+    sampler.set_slot(1, SamplingParams(temperature=0, logit_bias={best[1]: -100.0}), [1])
+    chosen: list[list[int]] = []
+    for _ in range(200):
+        out = sampler.sample(logits, [0, 1])
+        chosen.append(out.token_ids)
+        assert out.logprobs is not None and out.logprobs[1] is None
+        entry = out.logprobs[0]
+        assert entry is not None and entry.token_id == out.token_ids[0] and math.isfinite(entry.logprob)
+        assert [t for t, _ in entry.top] == logits[0].topk(2).indices.tolist()  # raw logits: bias not applied
+    assert all(row[0] != best[0] and row[1] != best[1] for row in chosen)
+    for slot in (0, 1):
+        counts = torch.zeros(V)
+        for row in chosen:
+            counts[row[slot]] += 1
+        assert torch.equal(sampler.counts[slot], counts)
+
+
+def test_logprobs_stay_finite_for_impossible_tokens() -> None:
+    sampler = Sampler(1, V)
+    sampler.set_slot(0, SamplingParams(temperature=0, logit_bias={3: 100.0}, logprobs=5), [1])
+    logits = torch.zeros(1, V)
+    logits[0, 3] = -math.inf  # the model says never; the bias cannot revive -inf, but nothing may be NaN/inf
+    logits[0, 9] = 1e4
+    out = sampler.sample(logits, [0])
+    entry = out.logprobs[0]  # type: ignore[index]
+    assert entry is not None and all(math.isfinite(lp) for _, lp in entry.top) and math.isfinite(entry.logprob)
