@@ -16,13 +16,16 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
 from model.args import ModelArgs, RopeScaling
 from model.llama import rope_frequencies
+
+if TYPE_CHECKING:  # gguf itself is imported only when a GGUF is parsed (a warm start never does)
+    from gguf import GGUFReader, ReaderTensor
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def open_reader(path: Path):  # type: ignore[no-untyped-def]
+def open_reader(path: Path) -> GGUFReader:
     """gguf.GGUFReader with a clear error for a file that is not a complete GGUF."""
     from gguf import GGUFReader
 
@@ -84,12 +87,12 @@ def open_reader(path: Path):  # type: ignore[no-untyped-def]
         raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
 
 
-def tensor_shape(tensor) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
+def tensor_shape(tensor: ReaderTensor) -> tuple[int, ...]:
     """Torch (out, in) order: ggml lists dimensions innermost first."""
     return tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
 
-def dequantize(tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def dequantize(tensor: ReaderTensor) -> torch.Tensor:
     """One GGUF tensor as an fp32 torch tensor in (out, in) order."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
@@ -107,7 +110,7 @@ def dequantize(tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
     return torch.from_numpy(array)
 
 
-def iter_state_dict(reader, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
+def iter_state_dict(reader: GGUFReader, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, fp32 tensor) for every parameter tensor in the file, Q/K already in rotate_half layout."""
     from model.checkpoint import CheckpointError
 
@@ -126,12 +129,12 @@ def iter_state_dict(reader, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor
         yield name, weight
 
 
-def planned_shapes(reader) -> dict[str, tuple[int, ...]]:  # type: ignore[no-untyped-def]
+def planned_shapes(reader: GGUFReader) -> dict[str, tuple[int, ...]]:
     """Our name -> shape for every parameter tensor, known before anything is dequantised."""
     return {our_name(t.name) or t.name: tensor_shape(t) for t in reader.tensors if t.name != ROPE_FREQS}
 
 
-def check_rope_freqs(reader, args: ModelArgs) -> None:  # type: ignore[no-untyped-def]
+def check_rope_freqs(reader: GGUFReader, args: ModelArgs) -> None:
     """Llama 3.1 GGUFs carry the rope scaling as per-frequency factors: make sure ours match them."""
     from model.checkpoint import CheckpointError
 
@@ -231,7 +234,7 @@ class CachedReader:
         self.tensor_names = tensor_names
 
 
-def gguf_fields(reader) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def gguf_fields(reader: GGUFReader) -> dict[str, Any]:
     """All metadata values except the file-structure ones, as plain JSON-able values."""
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
@@ -263,7 +266,7 @@ def read_cached(gguf_path: Path, cache_dir: Path) -> tuple[dict[str, torch.Tenso
     return state, args, reader
 
 
-def load_state(reader, args: ModelArgs, gguf_path: Path, cache_dir: Path | None) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+def load_state(reader: GGUFReader, args: ModelArgs, gguf_path: Path, cache_dir: Path | None) -> dict[str, torch.Tensor]:
     """Our fp32 state dict, dequantised from the file, written to the cache (with args and metadata
     for the next start) and read back memory-mapped.
 
