@@ -286,7 +286,7 @@ class Sampler:
     def _logprobs_of(self, logits: torch.Tensor, wanted: list[int | None]):  # type: ignore[no-untyped-def]
         """log_softmax of the raw logits; returns a function of the chosen ids -> per-row TokenLogprob."""
         logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)
-        k = max(w or 0 for w in wanted)
+        k = min(max(w or 0 for w in wanted), logp.shape[-1])  # a toy vocabulary may be smaller than k
         top = logp.topk(k, dim=-1) if k > 0 else None
         top_ids = top.indices.tolist() if top is not None else None
         top_vals = top.values.tolist() if top is not None else None
@@ -313,6 +313,6 @@ def prompt_logprobs(logits: torch.Tensor, next_ids: Sequence[int], k: int) -> li
     top_ids: list[list[int]] = [[] for _ in chosen]
     top_vals: list[list[float]] = [[] for _ in chosen]
     if k > 0:
-        top = logp.topk(k, dim=-1)
+        top = logp.topk(min(k, logp.shape[-1]), dim=-1)
         top_ids, top_vals = top.indices.tolist(), top.values.tolist()
     return [TokenLogprob(int(i), lp, list(zip(a, b))) for i, lp, a, b in zip(next_ids, chosen, top_ids, top_vals)]

@@ -350,3 +350,17 @@ def test_logprobs_stay_finite_for_impossible_tokens() -> None:
     out = sampler.sample(logits, [0])
     entry = out.logprobs[0]  # type: ignore[index]
     assert entry is not None and all(math.isfinite(lp) for _, lp in entry.top) and math.isfinite(entry.logprob)
+
+
+def test_more_logprobs_than_the_vocabulary_lists_every_token_instead_of_failing() -> None:
+    """topk(k > V) raised inside the batched step, which would kill the engine for every request."""
+    vocab = 8
+    sampler = Sampler(2, vocab)
+    sampler.set_slot(0, SamplingParams(temperature=0, logprobs=20), [1])
+    sampler.set_slot(1, SamplingParams(temperature=0), [1])
+    logits = random_logits(2, seed=7, vocab=vocab)
+    out = sampler.sample(logits, [0, 1])
+    entry = out.logprobs[0]  # type: ignore[index]
+    assert entry is not None and [t for t, _ in entry.top] == logits[0].argsort(descending=True).tolist()
+    echoed = prompt_logprobs(logits, [1, 2], 20)
+    assert [len(e.top) for e in echoed] == [vocab, vocab]
