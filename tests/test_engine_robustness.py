@@ -475,3 +475,27 @@ def test_stats_add_up_at_every_poll_under_load() -> None:
     assert stats.generated_tokens_total == sum(len(ids_of(r)) for r in results) == sum(r.max_tokens for r in requests)
     assert stats.prompt_tokens_total == sum(len(r.prompt_ids) for r in requests)
     assert all(r[-1].num_generated_tokens == len(ids_of(r)) for r in results)
+
+
+def test_n_seeded_choices_each_equal_their_seed_alone_in_slot_zero() -> None:
+    """What the server does for n > 1 with a seed: choice i samples with seed + i, in whatever slot it gets."""
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=11 + i) for i in range(3)]
+    prompt_ids = prompt(6, 7)
+
+    async def together() -> list[list[int]]:
+        engine = make_engine(max_batch_size=4)
+        greedy = engine.submit(GenerationRequest(prompt(8, 5), GREEDY, max_tokens=10, ignore_eos=True))  # takes slot 0
+        handles = [engine.submit(GenerationRequest(prompt_ids, p, max_tokens=10, ignore_eos=True)) for p in params]
+        results = await asyncio.gather(*(collect(h) for h in [greedy, *handles]))
+        engine.shutdown()
+        return [ids_of(r) for r in results[1:]]
+
+    async def alone(p: SamplingParams) -> list[int]:
+        engine = make_engine(max_batch_size=4)
+        outputs = await generate(engine, GenerationRequest(prompt_ids, p, max_tokens=10, ignore_eos=True))
+        engine.shutdown()
+        return ids_of(outputs)
+
+    crowd = run(together())
+    assert crowd == [run(alone(p)) for p in params]
+    assert len({tuple(c) for c in crowd}) == 3  # different seeds really differ
