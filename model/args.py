@@ -67,9 +67,11 @@ class ModelArgs:
     def from_params_json(cls, path: str | Path, **overrides: Any) -> "ModelArgs":
         """Meta's `params.json` (Llama 2 / 3 / 3.1 releases)."""
         params = json.loads(Path(path).read_text())
+        if not isinstance(params, dict):
+            raise ValueError("params.json must hold a JSON object")
         scaling = params.pop("use_scaled_rope", False)
         known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
-        args = cls(**known, **overrides)
+        args = cls(**{**known, **overrides})
         if scaling and args.rope_scaling is None:
             args.rope_scaling = RopeScaling()
         return args
@@ -77,8 +79,10 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any] | str | Path, **overrides: Any) -> "ModelArgs":
         """An HF `config.json` of model_type `llama` or `qwen2`."""
-        if not isinstance(config, dict):
+        if isinstance(config, (str, Path)):
             config = json.loads(Path(config).read_text())
+        if not isinstance(config, dict):
+            raise ValueError("an HF config must be a JSON object")
         model_type = config.get("model_type", "")
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedArchitectureError(

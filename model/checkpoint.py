@@ -307,8 +307,8 @@ def _read_meta(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     shards = [_torch_load(f) for f in shard_files]
     try:
         args = ModelArgs.from_params_json(path / "params.json", tie_word_embeddings="output.weight" not in shards[0])
-    except (OSError, json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path / 'params.json'}: unreadable: {e}") from e
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # ValueError covers JSONDecodeError
+        raise CheckpointError(f"{path / 'params.json'}: {e}") from e
     state = merge_meta_shards(shards, args.dim, path)
     if "tok_embeddings.weight" not in state:
         raise CheckpointError(f"{path}: missing tensor tok_embeddings.weight")

@@ -251,3 +251,17 @@ def test_slots_outside_the_cache_are_an_error() -> None:
         model(torch.tensor([[5]]), torch.tensor([[0]]), torch.tensor([2]))
     with pytest.raises(ValueError, match="slot"):
         model(torch.tensor([[5], [6], [7]]), torch.zeros(3, 1, dtype=torch.long))  # slots=None: rows 0..2
+
+
+@pytest.mark.parametrize("params", [[1, 2], {"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 3}])
+def test_a_bad_params_json_is_a_checkpoint_error_naming_it(tmp_path: Path, params: object) -> None:
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    torch.save({"tok_embeddings.weight": torch.zeros(4, 64)}, tmp_path / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match="params.json.*(JSON object|n_kv_heads)"):
+        load_model(tmp_path)
+
+
+def test_a_config_json_that_is_not_an_object_is_a_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="config.json.*JSON object"):
+        load_model(tmp_path)
