@@ -316,13 +316,16 @@ def test_prompt_that_leaves_exactly_max_tokens_of_room_ends_with_length() -> Non
     assert ids_of(outputs) == reference_greedy(prompt_ids, 8)
 
 
-def test_engine_context_smaller_than_the_cache_still_ends_with_length() -> None:
-    """The slot's room is the engine's max_seq_len; generation never writes past it."""
+def test_a_slot_that_fills_up_mid_generation_ends_with_length() -> None:
+    """The slot's room is the engine's max_seq_len: a request that got past validation with too large a
+    max_tokens still ends with "length" when the context is full, and never writes past it."""
     engine = Engine(tiny_model(1, 128), ByteTokenizer(), max_batch_size=1, max_seq_len=20)
+    engine.validate = lambda request: None  # type: ignore[method-assign]
     engine.start()
-    outputs = run(generate(engine, GenerationRequest(prompt(2, 12), GREEDY, max_tokens=8, ignore_eos=True)))
+    outputs = run(generate(engine, GenerationRequest(prompt(2, 12), GREEDY, max_tokens=50, ignore_eos=True)))
     engine.shutdown()
-    assert outputs[-1].finish_reason == "length" and len(ids_of(outputs)) == 8
+    assert outputs[-1].finish_reason == "length" and len(ids_of(outputs)) == 20 - 12
+    assert ids_of(outputs) == reference_greedy(prompt(2, 12), 8)
 
 
 # ---------------------------------------------------------------- stop handling (scripted stream)
