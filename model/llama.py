@@ -156,9 +156,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def check_bounds(self, positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None) -> int:
-        """The kv_len to use; a bad bound is an error here, not an index error deep in the cache or,
+    def check_inputs(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None
+    ) -> int:
+        """The kv_len to use; bad input is an error here, not an index error deep in the cache or,
         worse (kv_len too small), queries that silently miss their own keys."""
+        if tokens.dim() != 2 or tokens.shape != positions.shape or tokens.numel() == 0:
+            raise ValueError(f"tokens {list(tokens.shape)} and positions {list(positions.shape)} must be the same (B, T) shape, T >= 1")
+        if slots is not None and slots.shape != positions.shape[:1]:
+            raise ValueError(f"slots {list(slots.shape)} must be one per row ({positions.shape[0]})")
         rows = positions.shape[0] if slots is None else int(slots.max()) + 1
         if rows > self.max_batch_size or (slots is not None and int(slots.min()) < 0):
             raise ValueError(f"slots must be in [0, {self.max_batch_size}) (slots=None: one row per slot)")
@@ -168,7 +174,7 @@ class Transformer(nn.Module):
         if kv_len is None:
             return high + 1
         if not high < kv_len <= self.max_seq_len:
-            raise ValueError(f"kv_len {kv_len} must be in ({high}, {self.max_seq_len}] (max position {high}, max_seq_len)")
+            raise ValueError(f"kv_len {kv_len} must be in ({high}, {self.max_seq_len}]: above the max position, within the cache")
         return kv_len
 
     @torch.inference_mode()
@@ -187,7 +193,7 @@ class Transformer(nn.Module):
         each query attends to the keys of its own slot at positions <= its own. Returns fp32 logits
         (B, V) for the last column, or (B, T, V) with all_logits.
         """
-        kv_len = self.check_bounds(positions, slots, kv_len)
+        kv_len = self.check_inputs(tokens, positions, slots, kv_len)
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
         cos = self.rope_cos[positions][:, None]

@@ -265,3 +265,13 @@ def test_a_config_json_that_is_not_an_object_is_a_checkpoint_error(tmp_path: Pat
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(CheckpointError, match="config.json.*JSON object"):
         load_model(tmp_path)
+
+
+def test_tokens_and_positions_of_different_shapes_or_empty_are_an_error() -> None:
+    model = tiny_model(max_seq_len=SEQ)
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.tensor([[5, 6]]), torch.tensor([[0]]))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="one per row"):
+        model(torch.tensor([[5], [6]]), torch.zeros(2, 1, dtype=torch.long), torch.tensor([0]))
