@@ -88,6 +88,8 @@ class ModelArgs:
             raise UnsupportedArchitectureError(
                 f"unsupported model_type {model_type!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        if config.get("hidden_act", "silu") != "silu":
+            raise UnsupportedArchitectureError(f"unsupported hidden_act {config['hidden_act']!r}: only 'silu' (SwiGLU) is")
         rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         eos = config.get("eos_token_id")
         eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])

@@ -275,3 +275,10 @@ def test_tokens_and_positions_of_different_shapes_or_empty_are_an_error() -> Non
         model(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="one per row"):
         model(torch.tensor([[5], [6]]), torch.zeros(2, 1, dtype=torch.long), torch.tensor([0]))
+
+
+def test_hf_config_with_another_activation_is_unsupported() -> None:
+    """A llama config with hidden_act gelu would otherwise load and produce wrong logits silently."""
+    assert ModelArgs.from_hf_config({**HF_CONFIG, "hidden_act": "silu"}).hidden_dim == 128
+    with pytest.raises(UnsupportedArchitectureError, match="hidden_act"):
+        ModelArgs.from_hf_config({**HF_CONFIG, "hidden_act": "gelu"})
