@@ -321,6 +321,20 @@ def test_prompt_that_leaves_exactly_max_tokens_of_room_ends_with_length() -> Non
     assert ids_of(outputs) == reference_greedy(prompt_ids, 8)
 
 
+def test_a_prompt_that_fills_the_whole_context_can_still_be_echoed() -> None:
+    engine = make_engine(max_batch_size=1, max_seq_len=48, prefill_chunk=20)
+    prompt_ids = prompt(6, 48)
+    request = GenerationRequest(prompt_ids, SamplingParams(temperature=0, logprobs=1), max_tokens=0, prompt_logprobs=True)
+    outputs = run(generate(engine, request))
+    engine.shutdown()
+    assert len(outputs) == 1 and outputs[0].finish_reason == "length" and outputs[0].token_ids == []
+    entries = outputs[0].prompt_logprobs
+    assert entries is not None and len(entries) == 48 and all(e is not None for e in entries[1:])
+    logits = reference_model()(torch.tensor([prompt_ids]), torch.arange(48)[None], all_logits=True)[0]
+    expected = torch.log_softmax(logits, -1)[torch.arange(47), torch.tensor(prompt_ids[1:])]
+    assert [e.logprob for e in entries[1:]] == pytest.approx(expected.tolist(), abs=1e-4)  # type: ignore[union-attr]
+
+
 def test_a_slot_that_fills_up_mid_generation_ends_with_length() -> None:
     """The slot's room is the engine's max_seq_len: a request that got past validation with too large a
     max_tokens still ends with "length" when the context is full, and never writes past it."""
