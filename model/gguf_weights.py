@@ -3,6 +3,8 @@
 The result is cached as an fp32 safetensors file in the llamaserve cache dir (keyed by the GGUF's
 path, size and mtime), streamed to disk one tensor at a time, so a second start memory-maps the
 weights instead of parsing and dequantising again, and the first start never holds two copies.
+
+`CheckpointError` is imported inside the functions that raise it: model.checkpoint imports this module.
 """
 
 from __future__ import annotations
