@@ -117,7 +117,10 @@ class Sampler:
         self.params: list[SamplingParams] = [SamplingParams() for _ in range(max_batch_size)]
         self.generators: list[torch.Generator | None] = [None] * max_batch_size
         self.shared = torch.Generator(device=self.device)
-        self.shared.manual_seed(seed if seed is not None else torch.seed())
+        if seed is not None:
+            self.shared.manual_seed(seed)
+        else:
+            self.shared.seed()  # from the OS; torch.seed() would reseed torch's global generator too
         # Per-slot scalars as tensors, so a step gathers them with one index.
         self.temperature = torch.ones(max_batch_size, device=device)
         self.top_p = torch.ones(max_batch_size, device=device)

@@ -364,3 +364,17 @@ def test_more_logprobs_than_the_vocabulary_lists_every_token_instead_of_failing(
     assert entry is not None and [t for t, _ in entry.top] == logits[0].argsort(descending=True).tolist()
     echoed = prompt_logprobs(logits, [1, 2], 20)
     assert [len(e.top) for e in echoed] == [vocab, vocab]
+
+
+def test_an_unseeded_sampler_leaves_the_global_torch_rng_alone() -> None:
+    """Sampler() used torch.seed(), which reseeds torch's global generator from the OS: anything seeded
+    with torch.manual_seed in the same process (a tiny model's weights built while an engine thread
+    starts, a user's script) stopped being reproducible."""
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    sampler = Sampler(2, V)
+    assert torch.equal(torch.rand(4), expected)
+    other = Sampler(2, V)
+    draws = [s.shared.initial_seed() for s in (sampler, other)]
+    assert draws[0] != draws[1]  # still a fresh seed per sampler
