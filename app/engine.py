@@ -444,8 +444,8 @@ class Engine:
             seq.handle._put(_END)
 
     def _admit(self) -> None:
-        # A request stays in _waiting until it is in _running (only this thread removes it), so
-        # drain() and stats() never see it in neither place while its slot is being set up.
+        # A request stays in _waiting until it is in _running (only this thread removes it): drain()
+        # and stats() must never miss it while its slot is being set up (drain returned early).
         while self._free:
             with self._cond:
                 if not self._waiting:
