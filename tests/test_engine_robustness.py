@@ -579,3 +579,22 @@ def test_random_mix_of_cancels_and_a_drain_never_hangs_and_leaves_no_slot_behind
         assert got == expected[: len(got)]
         if drain_timeout > 1:
             assert got == expected
+
+
+def test_requests_whose_event_loop_is_gone_are_dropped_and_the_engine_goes_on() -> None:
+    engine = make_engine(max_batch_size=2)
+
+    async def abandon() -> None:  # submit, never read, let asyncio.run close the loop
+        for i in range(4):
+            engine.submit(GenerationRequest(prompt(i, 5), GREEDY, max_tokens=100, ignore_eos=True))
+
+    asyncio.run(abandon())
+    deadline = time.monotonic() + TIMEOUT
+    while (engine.stats().running or engine.stats().waiting) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    stats = engine.stats()
+    assert stats.running == 0 and stats.waiting == 0 and stats.healthy
+    assert stats.generated_tokens_total < 4 * 100  # dropped early, not run to max_tokens
+    outputs = run(generate(engine, GenerationRequest(prompt(5, 5), GREEDY, max_tokens=4, ignore_eos=True)))
+    engine.shutdown()
+    assert ids_of(outputs) == reference_greedy(prompt(5, 5), 4)
