@@ -165,6 +165,8 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens {list(tokens.shape)} and positions {list(positions.shape)} must be the same (B, T) shape, T >= 1")
         if slots is not None and slots.shape != positions.shape[:1]:
             raise ValueError(f"slots {list(slots.shape)} must be one per row ({positions.shape[0]})")
+        if positions.device.type != "cpu":  # value checks would cost a device sync every step
+            return kv_len if kv_len is not None else int(positions.max()) + 1
         rows = positions.shape[0] if slots is None else int(slots.max()) + 1
         if rows > self.max_batch_size or (slots is not None and int(slots.min()) < 0):
             raise ValueError(f"slots must be in [0, {self.max_batch_size}) (slots=None: one row per slot)")
