@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any, Awaitable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,13 +24,12 @@ from app.engine import (
     GenerationRequest,
     InvalidRequest,
     RequestFailed,
-    RequestHandle,
 )
 from model.sampling import SamplingParams
 from model.tokenizer import ByteTokenizer
 from tests.conftest import tiny_model
+from tests.engine_helpers import collect, generate, ids_of, run, text_of
 
-TIMEOUT = 60.0
 GREEDY = SamplingParams(temperature=0)
 
 
@@ -41,27 +40,6 @@ def make_engine(max_batch_size: int = 4, max_seq_len: int = 128, start: bool = T
     return engine
 
 
-def run(coro: Awaitable[Any]) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, TIMEOUT)
-
-    return asyncio.run(bounded())
-
-
-async def collect(handle: RequestHandle) -> list[GenerationOutput]:
-    return [out async for out in handle]
-
-
-async def generate(engine: Engine, request: GenerationRequest) -> list[GenerationOutput]:
-    return await collect(engine.submit(request))
-
-
-def ids_of(outputs: list[GenerationOutput]) -> list[int]:
-    return [t for out in outputs for t in out.token_ids]
-
-
-def text_of(outputs: list[GenerationOutput]) -> str:
-    return "".join(out.text for out in outputs)
 
 
 def reference_greedy(prompt: list[int], max_tokens: int, stop_ids: frozenset[int] = frozenset()) -> list[int]:

@@ -28,6 +28,8 @@ from app.engine import (
 from model.sampling import Sampler, SamplingParams
 from model.tokenizer import ByteTokenizer
 from tests.conftest import tiny_model
+from tests.engine_helpers import collect, generate, ids_of, text_of
+from tests.engine_helpers import run as run_bounded
 
 TIMEOUT = 20.0
 GREEDY = SamplingParams(temperature=0)
@@ -36,26 +38,7 @@ assert EOS is not None
 
 
 def run(coro: Awaitable[Any]) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, TIMEOUT)
-
-    return asyncio.run(bounded())
-
-
-async def collect(handle: RequestHandle) -> list[GenerationOutput]:
-    return [out async for out in handle]
-
-
-async def generate(engine: Engine, request: GenerationRequest) -> list[GenerationOutput]:
-    return await collect(engine.submit(request))
-
-
-def ids_of(outputs: list[GenerationOutput]) -> list[int]:
-    return [t for out in outputs for t in out.token_ids]
-
-
-def text_of(outputs: list[GenerationOutput]) -> str:
-    return "".join(out.text for out in outputs)
+    return run_bounded(coro, TIMEOUT)
 
 
 def prompt(i: int, length: int) -> list[int]:
