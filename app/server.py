@@ -66,6 +66,7 @@ from model.tokenizer import Tokenizer
 log = logging.getLogger("llamaserve")
 BodyT = TypeVar("BodyT", bound=BaseModel)
 T = TypeVar("T")
+GenerationBodyT = TypeVar("GenerationBodyT", bound=SamplingFields)
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
@@ -441,6 +442,18 @@ def check_sampling_ids(body: SamplingFields, vocab_size: int) -> None:
     check_ids(list(body.stop_token_ids or []), vocab_size, "stop_token_ids")
 
 
+async def read_generation_request(
+    request: Request, model: type[GenerationBodyT], state: ServerState
+) -> tuple[GenerationBodyT, Engine, LoadedModel]:
+    """What both generation endpoints check, in one order: body, readiness, model id, token ids."""
+    body = await read_body(request, model)
+    engine = state.require_engine()
+    state.check_model(body.model)
+    loaded = state.require_loaded()
+    check_sampling_ids(body, loaded.tokenizer.vocab_size)
+    return body, engine, loaded
+
+
 def submit_all(engine: Engine, requests: list[GenerationRequest], prompt_param: str = "prompt") -> list[RequestHandle]:
     """Submit every choice, or none: on a failure the earlier handles are cancelled and the error raised.
 
@@ -624,12 +637,8 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await read_body(request, CompletionRequest)
-        engine = state.require_engine()
-        state.check_model(body.model)
-        loaded = state.require_loaded()
+        body, engine, loaded = await read_generation_request(request, CompletionRequest, state)
         tokenizer = loaded.tokenizer
-        check_sampling_ids(body, tokenizer.vocab_size)
         n, echo, max_tokens = body.n or 1, bool(body.echo), body.max_tokens_or_default()
         prompts = completion_prompts(body, loaded, state.add_bos)
         requests, meta = [], []
@@ -660,12 +669,8 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await read_body(request, ChatCompletionRequest)
-        engine = state.require_engine()
-        state.check_model(body.model)
-        loaded = state.require_loaded()
+        body, engine, loaded = await read_generation_request(request, ChatCompletionRequest, state)
         tokenizer = loaded.tokenizer
-        check_sampling_ids(body, tokenizer.vocab_size)
         prompt_ids = chat_prompt(body, loaded, state)
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:
