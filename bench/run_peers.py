@@ -2,14 +2,16 @@
 
 Peers, measured one after another so they never compete for the CPU:
 - transformers' `generate` (bench/hf_generate.py, a subprocess): batch-1 streaming decode and batch N;
-- our server (`python -m app`) and, when installed, llama.cpp's server (`llama-cpp-python[server]`,
-  found with --llamacpp-python PATH), both driven over HTTP by bench/loadgen.py with two workloads:
-  one streaming client, and --concurrency streaming clients.
+- our server (`python -m app`) and, when given, llama.cpp's servers: the Python one
+  (`llama-cpp-python[server]`, one request at a time; --llamacpp-python PATH) and the native one
+  (`llama-server`, --concurrency parallel slots with continuous batching; --llama-server PATH), all
+  driven over HTTP by bench/loadgen.py with two workloads: one streaming client, and --concurrency
+  streaming clients.
 Each measurement is repeated --repeats times and the medians are compared. Before each one the CPU is
 sampled for a second and the run warns when something else is using it.
 
     python -m bench.run_peers --threads 2 --repeats 3 --llamacpp-python /tmp/venv-llamacpp/bin/python \
-        --json bench-results.json
+        --llama-server /tmp/llama-native/build/bin/llama-server --json bench-results.json
 """
 
 from __future__ import annotations
@@ -82,14 +84,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(base_url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    """Poll GET /v1/models until the server answers; fail with its log if it exits or times out."""
+def wait_ready(base_url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float,
+               ready_path: str = "/v1/models") -> None:
+    """Poll GET ready_path until it answers 200; fail with the server's log if it exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}; log tail:\n{tail(log)}")
         try:
-            if httpx.get(base_url + "/v1/models", timeout=2).status_code == 200:
+            if httpx.get(base_url + ready_path, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -117,8 +120,9 @@ class Served:
 
 
 @contextmanager
-def server(name: str, cmd: list[str], port: int, env: dict[str, str], ready_timeout: float) -> Iterator[Served]:
-    """Start a server process, yield it once ready, stop it (by its own pid) afterwards."""
+def server(name: str, cmd: list[str], port: int, env: dict[str, str], ready_timeout: float,
+           ready_path: str = "/v1/models") -> Iterator[Served]:
+    """Start a server process, yield it once GET ready_path answers 200, stop it (by its own pid) afterwards."""
     log = Path(tempfile.gettempdir()) / f"run_peers-{name}-{port}.log"
     print(f"starting {name}: {' '.join(cmd)}  (log: {log})")
     with open(log, "wb") as out:
@@ -126,7 +130,7 @@ def server(name: str, cmd: list[str], port: int, env: dict[str, str], ready_time
     base_url = f"http://127.0.0.1:{port}"
     try:
         started = time.monotonic()
-        wait_ready(base_url, proc, log, ready_timeout)
+        wait_ready(base_url, proc, log, ready_timeout, ready_path)
         print(f"{name} ready after {time.monotonic() - started:.1f} s")
         yield Served(name, base_url, proc, log)
     finally:
@@ -261,6 +265,45 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
         return {**measure_server(served, args), "version": llamacpp}
 
 
+def llama_server_version(binary: str) -> str:
+    """`llama-server --version` (e.g. "version: 1 (0c1e570)"); RuntimeError saying why it cannot serve."""
+    if not Path(binary).is_file():
+        raise RuntimeError(f"{binary} does not exist")
+    try:
+        probe = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"{binary} --version failed: {exc}") from None
+    lines = (probe.stdout + probe.stderr).strip().splitlines()
+    found = [line for line in lines if line.startswith("version:")]
+    if probe.returncode != 0 or not found:
+        raise RuntimeError(f"{binary} --version failed ({probe.returncode}): {lines[-3:]}")
+    return found[0].removeprefix("version:").strip()
+
+
+def run_llama_server(args: argparse.Namespace) -> dict[str, Any] | None:
+    """llama.cpp's native server: one slot per client (--concurrency), each with --max-seq-len of context."""
+    if args.llama_server_url:
+        return measure_server(Served("llama-server", args.llama_server_url.rstrip("/")), args)
+    if not args.llama_server:
+        print("SKIP llama-server: pass --llama-server PATH (llama.cpp's native llama-server binary) "
+              "or --llama-server-url URL")
+        return None
+    try:
+        build = llama_server_version(args.llama_server)
+    except RuntimeError as exc:
+        print(f"SKIP llama-server: {exc}")
+        return None
+    port = free_port()
+    # -c is the KV cache of all slots together: each of the -np slots gets c / np tokens.
+    cmd = [args.llama_server, "-m", str(args.model), "--host", "127.0.0.1", "--port", str(port),
+           "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.concurrency),
+           "-c", str(args.concurrency * args.max_seq_len)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    # llama-server's readiness check: /health answers 503 while the model loads, 200 once it can serve.
+    with server("llama-server", cmd, port, env, args.ready_timeout, ready_path="/health") as served:
+        return {**measure_server(served, args), "version": build}
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -277,7 +320,7 @@ def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str,
     """Ratios ours / peer, each with the target it is held to (None: reported, no target). A target
     is never passed on a run with errors or short outputs: those rows say what went wrong."""
     cn = f"c{args.concurrency}"
-    ours, llama, hf = results.get("ours"), results.get("llama.cpp"), results.get("transformers")
+    ours, hf = results.get("ours"), results.get("transformers")
     rows: list[dict[str, Any]] = []
 
     def add(name: str, ours_value: float | None, peer_value: float | None, target: str | None,
@@ -298,15 +341,18 @@ def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str,
         if hf_n:
             add(f"output tok/s: ours {cn} HTTP / transformers generate batch {args.hf_batch}",
                 ours[cn]["median"]["output_tok_s"], hf_n["median"]["output_tok_s"], None, None)
-    if ours and llama:
-        issues = problems(ours, cn, "ours") + problems(llama, cn, "llama.cpp")
+    # The issue's targets are against llama.cpp's server; both of its servers are held to them.
+    for key, title in (("llama.cpp", "llama-cpp-python server"), ("llama-server", "llama.cpp llama-server")):
+        llama = results.get(key)
+        if not (ours and llama):
+            continue
+        issues = problems(ours, cn, "ours") + problems(llama, cn, key)
         o, p = ours[cn]["median"]["output_tok_s"], llama[cn]["median"]["output_tok_s"]
         r = ratio(o, p)
-        add(f"aggregate output tok/s, {cn}: ours / llama.cpp server", o, p, ">= 2x", r is not None and r >= 2, issues)
+        add(f"aggregate output tok/s, {cn}: ours / {title}", o, p, ">= 2x", r is not None and r >= 2, issues)
         o, p = ours[cn]["median"]["ttft_p50_ms"], llama[cn]["median"]["ttft_p50_ms"]
-        add(f"TTFT p50 ms, {cn}: ours / llama.cpp server", o, p, "< 1x",
-            None if o is None or p is None else o < p, issues)
-        add("batch-1 streaming decode tok/s: ours / llama.cpp server", ours["c1"]["median"]["decode_tok_s_p50"],
+        add(f"TTFT p50 ms, {cn}: ours / {title}", o, p, "< 1x", None if o is None or p is None else o < p, issues)
+        add(f"batch-1 streaming decode tok/s: ours / {title}", ours["c1"]["median"]["decode_tok_s_p50"],
             llama["c1"]["median"]["decode_tok_s_p50"], None, None)
     return rows
 
@@ -339,13 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cn-requests", type=int, default=64, help="requests of the concurrent workload")
     p.add_argument("--hf-batch", type=int, default=32, help="transformers batch size besides 1")
     p.add_argument("--max-batch-size", type=int, default=32, help="our server's --max-batch-size")
-    p.add_argument("--max-seq-len", type=int, default=1024, help="our --max-seq-len and llama.cpp's --n_ctx")
+    p.add_argument("--max-seq-len", type=int, default=1024,
+                   help="our --max-seq-len, llama-cpp-python's --n_ctx and llama-server's context per slot")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peers", nargs="+", default=["transformers", "ours", "llama.cpp"],
-                   choices=["transformers", "ours", "llama.cpp"])
+    p.add_argument("--peers", nargs="+", default=["transformers", "ours", "llama.cpp", "llama-server"],
+                   choices=["transformers", "ours", "llama.cpp", "llama-server"],
+                   help="llama.cpp: llama-cpp-python's server; llama-server: llama.cpp's native server")
     p.add_argument("--ours-url", default=None, help="measure this running server instead of starting one")
     p.add_argument("--llamacpp-python", default=None, help="python of a venv with llama-cpp-python[server]")
-    p.add_argument("--llamacpp-url", default=None, help="measure this running llama.cpp server instead")
+    p.add_argument("--llamacpp-url", default=None, help="measure this running llama-cpp-python server instead")
+    p.add_argument("--llama-server", default=None,
+                   help="llama.cpp's native llama-server binary, started with --concurrency slots")
+    p.add_argument("--llama-server-url", default=None, help="measure this running llama-server instead")
     p.add_argument("--omp-wait-policy", default="unset", choices=["PASSIVE", "ACTIVE", "unset"],
                    help="OMP_WAIT_POLICY of the PyTorch processes; unset: each keeps its own default (our server: a short GOMP_SPINCOUNT)")
     p.add_argument("--max-busy", type=float, default=0.15, help="warn when the CPU is busier than this before a run")
@@ -377,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     if results["machine"]["loadavg_1m"] > args.max_load:
         print(f"WARNING: load average {results['machine']['loadavg_1m']:.2f} before the run (other work on "
               "this machine); measure on a quiet machine", file=sys.stderr)
-    runners = {"transformers": run_transformers, "ours": run_ours, "llama.cpp": run_llamacpp}
+    runners = {"transformers": run_transformers, "ours": run_ours, "llama.cpp": run_llamacpp,
+               "llama-server": run_llama_server}
     for peer in args.peers:
         try:
             results[peer] = runners[peer](args)
