@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="model id clients send and see (default: from the checkpoint)")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    quantization: Literal["auto", "none", "int4"] = Field(
+        "auto", description="int4: 4-bit weights for small decode batches on CPU (AVX2/AVX-512); auto: int4 for a Q4_1 GGUF on such a CPU, else none"
+    )
     max_batch_size: int = Field(8, ge=1, description="KV-cache slots: requests decoded together")
     max_seq_len: int = Field(2048, ge=8, description="context length per slot (prompt + completion)")
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 503")

@@ -129,8 +129,9 @@ def load_checkpoint(settings: Settings) -> LoadedModel:
         dtype=settings.resolved_dtype(),
         max_batch_size=settings.max_batch_size,
         max_seq_len=settings.max_seq_len,
+        quantization=settings.quantization,
     )
-    log.info("loaded %s in %.1f s", loaded.name, time.monotonic() - start)
+    log.info("loaded %s in %.1f s (quantization %s)", loaded.name, time.monotonic() - start, loaded.quantization)
     return loaded
 
 

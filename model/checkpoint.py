@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from model import fetch, gguf_weights
+from model import fetch, gguf_weights, quant
 from model.args import ModelArgs, UnsupportedArchitectureError, gguf_value
 from model.llama import Transformer
 from model.tokenizer import Tokenizer, tokenizer_from_dir, tokenizer_from_gguf
@@ -42,6 +42,7 @@ class LoadedModel:
     args: ModelArgs
     name: str  # served model id, e.g. "SmolLM2-135M-Instruct"
     chat_template: str | None  # raw template text from GGUF / tokenizer_config.json, if any
+    quantization: str = "none"  # what `auto` resolved to: none or int4
 
 
 @dataclass
@@ -53,6 +54,7 @@ class LoadedWeights:
     name: str
     chat_template: str | None
     gguf_reader: Any = None  # kept for the tokenizer, GGUF only
+    quantization: str = "none"  # what `auto` resolved to
 
 
 def load_model(
@@ -64,17 +66,19 @@ def load_model(
     max_seq_len: int = 2048,
     cache_dir: str | Path | None = None,
     cache_weights: bool = True,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Model + tokenizer + name + chat template from a checkpoint path (format detected).
 
     max_seq_len is clamped to the trained context length when that is known and smaller.
     GGUF weights are cached as fp32 safetensors under cache_dir (default: $LLAMASERVE_CACHE_DIR or
-    ~/.cache/llamaserve) unless cache_weights is False.
+    ~/.cache/llamaserve) unless cache_weights is False. quantization: none, int4 (CPU, see
+    model/quant.py) or auto (int4 for a Q4_1 GGUF on a CPU that has the int4 kernel).
     """
     path = Path(path)
     weights = load_weights(
         path, device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-        cache_dir=cache_dir, cache_weights=cache_weights,
+        cache_dir=cache_dir, cache_weights=cache_weights, quantization=quantization,
     )
     try:
         if weights.gguf_reader is not None:
@@ -87,7 +91,7 @@ def load_model(
         raise CheckpointError(
             f"{path}: tokenizer has {tokenizer.vocab_size} ids but the embedding only {weights.args.vocab_size}"
         )
-    return LoadedModel(weights.model, tokenizer, weights.args, weights.name, weights.chat_template)
+    return LoadedModel(weights.model, tokenizer, weights.args, weights.name, weights.chat_template, weights.quantization)
 
 
 def load_weights(
@@ -99,6 +103,7 @@ def load_weights(
     max_seq_len: int = 2048,
     cache_dir: str | Path | None = None,
     cache_weights: bool = True,
+    quantization: str = "none",
 ) -> LoadedWeights:
     """The network with its weights and KV cache, without the tokenizer."""
     path = Path(path)
@@ -124,9 +129,17 @@ def load_weights(
         log.warning("max_seq_len %d exceeds the trained context %d: clamped", max_seq_len, args.context_length)
         max_seq_len = int(args.context_length)
     args.max_batch_size, args.max_seq_len = max_batch_size, max_seq_len
+    file_type = gguf_value(reader.fields, "general.file_type", None) if reader is not None else None
+    try:
+        quantization = quant.resolve_quantization(quantization, device, file_type)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     model = build_model(args, state, device=device, dtype=dtype, source=path)
+    if quantization == "int4":
+        swapped = quant.quantize_int4(model)
+        log.info("int4 weights for %d linear layers (dense above %d rows)", swapped, quant.default_max_rows())
     model.setup_cache(max_batch_size, max_seq_len)
-    return LoadedWeights(model, args, name, template, reader)
+    return LoadedWeights(model, args, name, template, reader, quantization)
 
 
 def build_model(

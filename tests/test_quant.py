@@ -1,0 +1,160 @@
+"""Int4 weights (model/quant.py): exact on llama.cpp's Q4_1 grid, close to the float32 oracle, dense
+for large batches, and chosen by `auto` only where it loses nothing the checkpoint had."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import quant
+from model.checkpoint import CheckpointError, load_weights
+from model.quant import GROUP_SIZE, Int4Linear, quantize_groups, quantize_int4, resolve_quantization
+from tests.conftest import tiny_model
+from tests.test_oracle import GOLDEN_PROMPT, greedy, hf_logits, one_thread, transformers_gguf_model
+
+needs_int4_kernel = pytest.mark.skipif(quant.default_max_rows() == 0, reason="torch has no vector int4 kernel on this CPU")
+
+
+def gguf_q4_1_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    """What a Q4_1 GGUF holds for `weight`, by gguf-py's own quantiser and dequantiser (the oracle)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    blocks = quantize(weight.numpy(), GGMLQuantizationType.Q4_1)
+    return torch.from_numpy(np.asarray(dequantize(blocks, GGMLQuantizationType.Q4_1), dtype=np.float32)).reshape(weight.shape)
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    rows, cols = q.shape
+    return (q.reshape(rows, -1, GROUP_SIZE) * scale[..., None] + minimum[..., None]).reshape(rows, cols)
+
+
+def test_requantising_a_q4_1_tensor_finds_its_grid_again() -> None:
+    torch.manual_seed(0)
+    stored = gguf_q4_1_roundtrip(torch.randn(64, 256))
+    q, scale, minimum = quantize_groups(stored)
+    assert q.min() >= 0 and q.max() <= 15
+    torch.testing.assert_close(dequantize_groups(q, scale, minimum), stored, atol=1e-6, rtol=0)
+
+
+def test_quantize_groups_error_is_within_half_a_step() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(16, 128)
+    q, scale, minimum = quantize_groups(weight)
+    error = (dequantize_groups(q, scale, minimum) - weight).abs().reshape(16, -1, GROUP_SIZE)
+    assert (error <= scale[..., None] / 2 + 1e-6).all()
+
+
+def test_constant_groups_do_not_divide_by_zero() -> None:
+    weight = torch.full((4, 64), 0.25)
+    q, scale, minimum = quantize_groups(weight)
+    assert torch.isfinite(scale).all() and torch.equal(dequantize_groups(q, scale, minimum), weight)
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_linear_computes_the_bf16_rounded_product(bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(gguf_q4_1_roundtrip(linear.weight.detach()))
+    layer = Int4Linear(linear, max_rows=8)
+    x = torch.randn(2, 3, 128)
+    got = layer(x)
+    assert got.shape == (2, 3, 96) and got.dtype == torch.float32
+    exact = F.linear(x, linear.weight, linear.bias)
+    # bfloat16 activations, scales and zeros: a few 1e-3 relative, never more
+    assert (got - exact).abs().max() <= 2e-2 * exact.abs().max()
+    assert not torch.equal(got, exact), "the small batch must go through the int4 kernel"
+
+
+@needs_int4_kernel
+def test_int4_linear_goes_dense_above_max_rows() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=False)
+    layer = Int4Linear(linear, max_rows=4)
+    x = torch.randn(5, 64)
+    assert torch.equal(layer(x), F.linear(x, linear.weight))
+    assert not torch.equal(layer(x[:4]), F.linear(x[:4], linear.weight))
+
+
+@needs_int4_kernel
+def test_int4_rows_do_not_depend_on_the_batch() -> None:
+    """Greedy output must not depend on who else is in the decode batch."""
+    torch.manual_seed(0)
+    layer = Int4Linear(nn.Linear(256, 512, bias=False), max_rows=32)
+    x = torch.randn(32, 256)
+    together = layer(x)
+    assert torch.equal(torch.cat([layer(row[None]) for row in x]), together)
+
+
+def test_quantize_int4_swaps_the_layers_but_not_the_head() -> None:
+    model = tiny_model()
+    swapped = quantize_int4(model, max_rows=16)
+    assert swapped == 7 * len(model.layers)
+    assert isinstance(model.layers[0].attention.wq, Int4Linear) and isinstance(model.layers[0].feed_forward.w2, Int4Linear)
+    assert not any(isinstance(m, Int4Linear) for m in [model.tok_embeddings, model.norm])
+
+
+def test_quantize_int4_keeps_layers_the_kernel_cannot_take() -> None:
+    model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 8), nn.Linear(64, 32))
+    assert quantize_int4(model, max_rows=4) == 1
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear, Int4Linear]
+
+
+def test_auto_quantises_only_q4_1_ggufs_on_a_cpu_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant, "cpu_capability", lambda: "AVX2")
+    assert resolve_quantization("auto", "cpu", quant.GGUF_FILE_TYPE_Q4_1) == "int4"
+    assert resolve_quantization("auto", "cpu", 2) == "none"  # Q4_0: re-quantising could move values
+    assert resolve_quantization("auto", "cpu", None) == "none"  # HF / Meta checkpoints
+    assert resolve_quantization("auto", "cuda", quant.GGUF_FILE_TYPE_Q4_1) == "none"
+    assert resolve_quantization("int4", "cpu", None) == "int4"
+    assert resolve_quantization("none", "cpu", quant.GGUF_FILE_TYPE_Q4_1) == "none"
+    monkeypatch.setattr(quant, "cpu_capability", lambda: "DEFAULT")
+    assert resolve_quantization("auto", "cpu", quant.GGUF_FILE_TYPE_Q4_1) == "none"
+
+
+def test_int4_where_it_cannot_run_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_quantization("int4", "cuda:0", None)
+    with pytest.raises(ValueError, match="one of auto, none, int4"):
+        resolve_quantization("int8", "cpu", None)
+    monkeypatch.setattr(quant, "cpu_capability", lambda: "DEFAULT")
+    with pytest.raises(ValueError, match="AVX2"):
+        resolve_quantization("int4", "cpu", None)
+
+
+def test_load_weights_reports_a_bad_quantization_as_a_checkpoint_error(smollm2_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="quantization"):
+        load_weights(smollm2_path, max_batch_size=1, max_seq_len=64, quantization="int3")
+
+
+@needs_int4_kernel
+def test_smollm2_int4_matches_the_gguf_and_stays_close_to_transformers(smollm2_path: Path) -> None:
+    """The real model under `auto`: every layer's 4-bit grid is the file's own, and greedy decoding
+    through the int4 kernel agrees with transformers' float32 GGUF model step by step."""
+    dense = load_weights(smollm2_path, max_batch_size=1, max_seq_len=256).model
+    loaded = load_weights(smollm2_path, max_batch_size=1, max_seq_len=256, quantization="auto")
+    assert loaded.quantization == "int4"
+    ours = loaded.model
+    for dense_layer, int4_layer in zip(dense.layers, ours.layers):
+        for part, name in [("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("attention", "wo"),
+                           ("feed_forward", "w1"), ("feed_forward", "w2"), ("feed_forward", "w3")]:
+            weight = getattr(getattr(dense_layer, part), name).weight
+            assert torch.equal(dequantize_groups(*quantize_groups(weight)), weight), name
+            assert isinstance(getattr(getattr(int4_layer, part), name), Int4Linear)
+
+    reference = transformers_gguf_model(smollm2_path)
+    with one_thread():
+        tokens, step_logits = greedy(ours, GOLDEN_PROMPT, 32)
+    reference_steps = hf_logits(reference, GOLDEN_PROMPT + tokens[:-1])[len(GOLDEN_PROMPT) - 1 :]
+    agree = (reference_steps.argmax(-1) == torch.tensor(tokens)).float().mean().item()
+    assert agree >= 0.9, f"only {agree:.0%} of greedy steps agree with transformers"
+    kl = F.kl_div(step_logits.log_softmax(-1), reference_steps.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl < 0.02, f"mean KL to transformers {kl:.4f}"
+    assert tokens[:8] == [504, 3575, 282, 4649, 314, 7042, 30, 2]  # the golden continuation (llama.cpp agrees)
