@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=256)
     parser.add_argument("--skip-hf", action="store_true", help="measure the engine only")
+    parser.add_argument("--quantization", choices=["auto", "none", "int4"], default="auto", help="as the server's flag")
     args = parser.parse_args(argv)
     if args.output_tokens < 2 or min(args.batches) < 1:
         parser.error("need --output-tokens >= 2 and batches >= 1")
@@ -139,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     hf_model, hf_tokenizer = in_thread(hf_load, args.model)  # its tokenizer also makes the shared prompts
     max_batch = max(args.batches)
     loaded = in_thread(lambda: load_model(args.model, max_batch_size=max_batch,
-                                          max_seq_len=args.prompt_tokens + args.output_tokens + 8))
-    report: dict[str, Any] = {"threads": args.threads, "prompt_tokens": args.prompt_tokens,
+                                          max_seq_len=args.prompt_tokens + args.output_tokens + 8,
+                                          quantization=args.quantization))
+    report: dict[str, Any] = {"threads": args.threads, "quantization": loaded.quantization, "prompt_tokens": args.prompt_tokens,
                               "output_tokens": args.output_tokens, "load_avg": os.getloadavg()[0], "batches": {}}
     warm = prompt_batch(hf_tokenizer, 1, args.prompt_tokens, seed=999)
     measure_engine(loaded, max_batch, args.prefill_chunk, warm.tolist(), 4)

@@ -77,12 +77,14 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--quantization", choices=["auto", "none", "int4"], default="auto", help="as the server's flag")
     args = parser.parse_args()
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=0)
     torch.set_num_threads(args.threads)
     warn_if_busy(args.threads)
     n = args.concurrency
-    loaded = in_thread(lambda: load_model(args.model, max_batch_size=n, max_seq_len=args.prompt_tokens + args.output_tokens + 8))
+    loaded = in_thread(lambda: load_model(args.model, max_batch_size=n, max_seq_len=args.prompt_tokens + args.output_tokens + 8,
+                                       quantization=args.quantization))
     timed = TimedModel(loaded.model)
     engine = Engine(timed, loaded.tokenizer, max_batch_size=n, max_seq_len=loaded.model.max_seq_len)  # type: ignore[arg-type]
     engine.start()
