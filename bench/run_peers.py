@@ -266,7 +266,8 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def llama_server_version(binary: str) -> str:
-    """`llama-server --version` (e.g. "version: 1 (0c1e570)"); RuntimeError saying why it cannot serve."""
+    """From `llama-server --version`, e.g. "0.5.0-dev (build 1, commit 0c1e570)"; RuntimeError saying why
+    it cannot serve."""
     if not Path(binary).is_file():
         raise RuntimeError(f"{binary} does not exist")
     try:

@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_LLAMA_SERVER = """#!{python}
 import sys, time
 if sys.argv[1:] == ["--version"]:
-    print("version: 42 (abc1234)", file=sys.stderr)
+    print("version: 0.5.0-dev (build 42, commit abc1234)", file=sys.stderr)
     print("built with GNU 12.2.0 for Linux x86_64", file=sys.stderr)
     raise SystemExit(0)
 import json
@@ -67,7 +67,7 @@ def test_llama_server_is_started_with_one_slot_per_client_and_compared(tmp_path,
     assert args[args.index("-t") + 1] == args[args.index("-tb") + 1] == "3"
     assert args[args.index("-m") + 1] == str(model) and args[args.index("--host") + 1] == "127.0.0.1"
     results = json.loads(out.read_text())
-    assert results["llama-server"]["version"] == "42 (abc1234)"
+    assert results["llama-server"]["version"] == "0.5.0-dev (build 42, commit abc1234)"
     median = results["llama-server"]["c3"]["median"]
     assert (median["errors"], median["short_outputs"]) == (0, 0)
 
