@@ -226,7 +226,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     cmd = [sys.executable, "-m", "app", "--model", str(args.model), "--host", "127.0.0.1", "--port", str(port),
            "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-           "--max-seq-len", str(args.max_seq_len)]
+           "--max-seq-len", str(args.max_seq_len), "--quantization", args.quantization]
     with server("ours", cmd, port, torch_env(args), args.ready_timeout) as served:
         return measure_server(served, args)
 
@@ -386,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cn-requests", type=int, default=64, help="requests of the concurrent workload")
     p.add_argument("--hf-batch", type=int, default=32, help="transformers batch size besides 1")
     p.add_argument("--max-batch-size", type=int, default=32, help="our server's --max-batch-size")
+    p.add_argument("--quantization", choices=["auto", "none", "int4"], default="auto", help="our --quantization")
     p.add_argument("--max-seq-len", type=int, default=1024,
                    help="our --max-seq-len, llama-cpp-python's --n_ctx and llama-server's context per slot")
     p.add_argument("--seed", type=int, default=0)

@@ -47,3 +47,26 @@ def test_missing_checkpoint_exits_1_with_a_clear_message(tmp_path: Path) -> None
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "nope.gguf" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_quantization_setting_reaches_the_loader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import model.checkpoint
+    from app.server import load_checkpoint
+
+    seen: dict[str, object] = {}
+
+    def fake_load_model(path: str, **kwargs: object) -> object:
+        seen.update(kwargs)
+        raise model.checkpoint.CheckpointError("stop here")
+
+    monkeypatch.setattr(model.checkpoint, "load_model", fake_load_model)
+    monkeypatch.setenv("LLAMASERVE_QUANTIZATION", "none")
+    assert settings_from_args([]).quantization == "none"
+    assert settings_from_args(["serve", "--quantization", "int4"]).quantization == "int4"
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--quantization", "int8"])
+    assert exc.value.code == 2
+    with pytest.raises(model.checkpoint.CheckpointError):
+        load_checkpoint(settings_from_args(["serve", "--model", str(tmp_path / "m.gguf"), "--quantization", "int4"]))
+    assert seen["quantization"] == "int4"
+    assert Settings().quantization == "none"  # from the environment set above
