@@ -136,8 +136,10 @@ def load_weights(
         raise CheckpointError(f"{path}: {e}") from e
     model = build_model(args, state, device=device, dtype=dtype, source=path)
     if quantization == "int4":
-        swapped = quant.quantize_int4(model)
-        log.info("int4 weights for %d linear layers (dense above %d rows)", swapped, quant.default_max_rows())
+        max_rows, dense_dtype = quant.default_layout()
+        swapped = quant.quantize_int4(model, max_rows, dense_dtype)
+        log.info("int4 weights for %d linear layers; dense %s weights above %d rows",
+                 swapped, dense_dtype or dtype, max_rows)
     model.setup_cache(max_batch_size, max_seq_len)
     return LoadedWeights(model, args, name, template, reader, quantization)
 

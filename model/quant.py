@@ -8,7 +8,9 @@ with bfloat16 activations and bfloat16 scales, so those two are rounded to bfloa
 in float32.
 
 The kernel loses to dense GEMM once many rows share each weight read (prefill chunks, large decode
-batches), so every layer keeps its dense weight and uses it above `max_rows` rows. Re-quantising a
+batches), so every layer keeps a dense weight and uses it above `max_rows` rows: in bfloat16 on CPUs
+with bf16 matmul units (AMX, AVX512-BF16), where that GEMM is ~2x faster than float32, else in the
+model's dtype. Re-quantising a
 Q4_1 GGUF's dequantised weights finds the file's own grid again (each group's minimum and maximum
 are on it), so `auto` quantises exactly those files and never loses precision the checkpoint had.
 """
@@ -26,9 +28,11 @@ Quantization = Literal["auto", "none", "int4"]
 QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int4")
 GGUF_FILE_TYPE_Q4_1 = 3  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_1 (`general.file_type`)
 
-# Rows up to which the int4 kernel beats dense float32 GEMM, from bench/int4_crossover.py on a
-# 2-core Xeon (torch 2.13): about 32 with the AVX-512 kernels, about 12 with AVX2.
-MAX_ROWS_BY_CAPABILITY = {"AVX512": 32, "AVX2": 12}
+# Rows up to which the int4 kernel beats the dense weights, from bench/int4_crossover.py on a
+# 2-core Xeon (torch 2.13): vs float32 GEMM about 32 with the AVX-512 kernels and 12 with AVX2; vs
+# bfloat16 GEMM (AMX) about 12.
+MAX_ROWS_VS_FLOAT32 = {"AVX512": 32, "AVX2": 12}
+MAX_ROWS_VS_BFLOAT16 = 12
 
 
 def cpu_capability() -> str:
@@ -36,9 +40,23 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def default_max_rows() -> int:
-    """Rows per call below which int4 pays on this CPU; 0 where torch has no vector int4 kernel."""
-    return MAX_ROWS_BY_CAPABILITY.get(cpu_capability(), 0)
+def native_bf16_matmul() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 GEMM beats float32 here (elsewhere it is emulated, ~70x slower)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def int4_kernel_available() -> bool:
+    """torch has vectorised int4 kernels for AVX2 and AVX-512; the scalar one is slower than float32."""
+    return cpu_capability() in MAX_ROWS_VS_FLOAT32
+
+
+def default_layout() -> tuple[int, torch.dtype | None]:
+    """(max_rows, dtype of the dense weights) for this CPU: on bf16 hardware the dense weights used
+    above max_rows (prefill, large batches) are bfloat16, about 2x faster than float32 there;
+    None keeps the model's dtype."""
+    if native_bf16_matmul():
+        return MAX_ROWS_VS_BFLOAT16, torch.bfloat16
+    return MAX_ROWS_VS_FLOAT32.get(cpu_capability(), 0), None
 
 
 def resolve_quantization(requested: str, device: str | torch.device, gguf_file_type: Any = None) -> str:
@@ -52,10 +70,10 @@ def resolve_quantization(requested: str, device: str | torch.device, gguf_file_t
     on_cpu = torch.device(device).type == "cpu"
     if requested == "auto":
         is_q4_1 = gguf_file_type is not None and int(gguf_file_type) == GGUF_FILE_TYPE_Q4_1
-        return "int4" if on_cpu and is_q4_1 and default_max_rows() > 0 else "none"
+        return "int4" if on_cpu and is_q4_1 and int4_kernel_available() else "none"
     if requested == "int4" and not on_cpu:
         raise ValueError(f"quantization int4 runs on CPU only, not on {device}")
-    if requested == "int4" and default_max_rows() == 0:
+    if requested == "int4" and not int4_kernel_available():
         raise ValueError(f"quantization int4 needs a CPU with AVX2 or AVX-512 (torch reports {cpu_capability()})")
     return requested
 
@@ -75,12 +93,16 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 class Int4Linear(nn.Module):
-    """A bias-optional linear layer that reads 4-bit weights for small batches, dense ones otherwise."""
+    """A bias-optional linear layer that reads 4-bit weights for small batches, dense ones otherwise.
 
-    def __init__(self, linear: nn.Linear, max_rows: int) -> None:
+    dense_dtype: the dtype the dense weights are kept in (None: as given); the input is cast to it
+    and the output back, the bias is added in the input's dtype.
+    """
+
+    def __init__(self, linear: nn.Linear, max_rows: int, dense_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
+        self.weight = nn.Parameter(linear.weight.detach().to(dense_dtype or linear.weight.dtype), requires_grad=False)
         self.bias = linear.bias
         self.max_rows = max_rows
         q, scale, minimum = quantize_groups(linear.weight.detach())
@@ -92,14 +114,16 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows > self.max_rows:
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP_SIZE, self.scales_and_zeros)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            out = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        else:
+            flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP_SIZE, self.scales_and_zeros)
+            out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}, max_rows={self.max_rows}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}, "
+                f"max_rows={self.max_rows}, dense={self.weight.dtype}")
 
 
 def fits_kernel(linear: nn.Linear) -> bool:
@@ -107,18 +131,19 @@ def fits_kernel(linear: nn.Linear) -> bool:
     return linear.in_features % GROUP_SIZE == 0 and linear.out_features % 16 == 0
 
 
-def quantize_int4(model: nn.Module, max_rows: int | None = None) -> int:
+def quantize_int4(model: nn.Module, max_rows: int | None = None, dense_dtype: torch.dtype | None = None) -> int:
     """Swap every nn.Linear the kernel can take (input width a multiple of 32, output of 16) for an
     Int4Linear; returns how many.
 
     The output head stays dense: the tied head is the embedding table, and its logits decide every
     sampled token.
     """
-    max_rows = default_max_rows() if max_rows is None else max_rows
+    if max_rows is None:
+        max_rows, dense_dtype = default_layout()
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and name != "output" and fits_kernel(child):
-                setattr(parent, name, Int4Linear(child, max_rows))
+                setattr(parent, name, Int4Linear(child, max_rows, dense_dtype))
                 swapped += 1
     return swapped

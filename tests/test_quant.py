@@ -17,7 +17,7 @@ from model.quant import GROUP_SIZE, Int4Linear, quantize_groups, quantize_int4, 
 from tests.conftest import tiny_model
 from tests.test_oracle import GOLDEN_PROMPT, greedy, hf_logits, one_thread, transformers_gguf_model
 
-needs_int4_kernel = pytest.mark.skipif(quant.default_max_rows() == 0, reason="torch has no vector int4 kernel on this CPU")
+needs_int4_kernel = pytest.mark.skipif(not quant.int4_kernel_available(), reason="torch has no vector int4 kernel on this CPU")
 
 
 def gguf_q4_1_roundtrip(weight: torch.Tensor) -> torch.Tensor:
@@ -81,6 +81,28 @@ def test_int4_linear_goes_dense_above_max_rows() -> None:
     x = torch.randn(5, 64)
     assert torch.equal(layer(x), F.linear(x, linear.weight))
     assert not torch.equal(layer(x[:4]), F.linear(x[:4], linear.weight))
+
+
+@needs_int4_kernel
+def test_int4_linear_dense_weights_in_another_dtype() -> None:
+    """On bf16 hardware the dense path runs in bfloat16; input and output keep the caller's dtype."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=True)
+    layer = Int4Linear(linear, max_rows=2, dense_dtype=torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
+    x = torch.randn(3, 64)
+    expected = F.linear(x.bfloat16(), linear.weight.bfloat16()).float() + linear.bias
+    assert layer(x).dtype == torch.float32
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_default_layout_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant, "native_bf16_matmul", lambda: True)
+    assert quant.default_layout() == (quant.MAX_ROWS_VS_BFLOAT16, torch.bfloat16)
+    monkeypatch.setattr(quant, "native_bf16_matmul", lambda: False)
+    for capability, rows in [("AVX512", 32), ("AVX2", 12), ("DEFAULT", 0)]:
+        monkeypatch.setattr(quant, "cpu_capability", lambda capability=capability: capability)
+        assert quant.default_layout() == (rows, None)
 
 
 @needs_int4_kernel
