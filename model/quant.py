@@ -41,13 +41,17 @@ def cpu_capability() -> str:
 
 
 def native_bf16_matmul() -> bool:
-    """AVX512-BF16 or AMX: bfloat16 GEMM beats float32 here (elsewhere it is emulated, ~70x slower)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """AVX512-BF16 or AMX: bfloat16 GEMM beats float32 here (elsewhere it is emulated, ~70x slower).
+
+    torch's probes are private, so a torch without them counts as no.
+    """
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
 
 
 def int4_kernel_available() -> bool:
-    """torch has vectorised int4 kernels for AVX2 and AVX-512; the scalar one is slower than float32."""
-    return cpu_capability() in MAX_ROWS_VS_FLOAT32
+    """torch (>= 2.6) has vectorised int4 kernels for AVX2 and AVX-512; the scalar one is slower than float32."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and cpu_capability() in MAX_ROWS_VS_FLOAT32
 
 
 def default_layout() -> tuple[int, torch.dtype | None]:
@@ -74,7 +78,8 @@ def resolve_quantization(requested: str, device: str | torch.device, gguf_file_t
     if requested == "int4" and not on_cpu:
         raise ValueError(f"quantization int4 runs on CPU only, not on {device}")
     if requested == "int4" and not int4_kernel_available():
-        raise ValueError(f"quantization int4 needs a CPU with AVX2 or AVX-512 (torch reports {cpu_capability()})")
+        raise ValueError(f"quantization int4 needs torch >= 2.6 and a CPU with AVX2 or AVX-512 "
+                         f"(torch {torch.__version__} reports {cpu_capability()})")
     return requested
 
 
