@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--skip-hf", action="store_true", help="measure the engine only")
     parser.add_argument("--quantization", choices=["auto", "none", "int4"], default="auto", help="as the server's flag")
     args = parser.parse_args(argv)
