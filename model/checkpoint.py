@@ -111,6 +111,11 @@ def load_weights(
         raise CheckpointError(f"max_batch_size ({max_batch_size}) and max_seq_len ({max_seq_len}) must be >= 1")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory; expected one of: {'; '.join(SUPPORTED_FORMATS)}")
+    if quantization != "auto":  # a request that cannot run fails before the weights are read
+        try:
+            quant.resolve_quantization(quantization, device)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
     try:
         if path.is_file() and path.suffix == ".gguf":
             cache = (Path(cache_dir) if cache_dir else fetch.cache_dir()) if cache_weights else None
@@ -131,17 +136,18 @@ def load_weights(
     args.max_batch_size, args.max_seq_len = max_batch_size, max_seq_len
     file_type = gguf_value(reader.fields, "general.file_type", None) if reader is not None else None
     try:
-        quantization = quant.resolve_quantization(quantization, device, file_type)
+        resolved = quant.resolve_quantization(quantization, device, file_type)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     model = build_model(args, state, device=device, dtype=dtype, source=path)
-    if quantization == "int4":
+    if resolved == "int4":
         max_rows, dense_dtype = quant.default_layout()
-        swapped = quant.quantize_int4(model, max_rows, dense_dtype)
-        log.info("int4 weights for %d linear layers; dense %s weights above %d rows",
-                 swapped, dense_dtype or dtype, max_rows)
+        swapped, inexact = quant.quantize_int4(model, max_rows, dense_dtype, exact_only=quantization == "auto")
+        log.info("int4 weights for %d linear layers; dense %s weights above %d rows", swapped, dense_dtype or dtype, max_rows)
+        if inexact:
+            log.warning("%d linear layers are not on a Q4_1 grid (other formats in the file): kept dense", inexact)
     model.setup_cache(max_batch_size, max_seq_len)
-    return LoadedWeights(model, args, name, template, reader, quantization)
+    return LoadedWeights(model, args, name, template, reader, resolved)
 
 
 def build_model(

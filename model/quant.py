@@ -101,16 +101,27 @@ class Int4Linear(nn.Module):
     """A bias-optional linear layer that reads 4-bit weights for small batches, dense ones otherwise.
 
     dense_dtype: the dtype the dense weights are kept in (None: as given); the input is cast to it
-    and the output back, the bias is added in the input's dtype.
+    and the output back, the bias is added in the input's dtype. Built once from a loaded layer:
+    the packed weights are derived, so loading a state dict into it or casting it afterwards
+    would leave them stale (nothing does either; build a new one instead).
     """
 
     def __init__(self, linear: nn.Linear, max_rows: int, dense_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        weight = linear.weight.detach()
+        if weight.device.type != "cpu":
+            raise ValueError(f"Int4Linear runs on CPU only, not on {weight.device}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().to(dense_dtype or linear.weight.dtype), requires_grad=False)
-        self.bias = linear.bias
+        self.weight = nn.Parameter(weight.to(dense_dtype or weight.dtype), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.max_rows = max_rows
-        q, scale, minimum = quantize_groups(linear.weight.detach())
+        q, scale, minimum = quantize_groups(weight)
+        # Whether the 4-bit grid holds the weights exactly (true for a Q4_1 file's own layers); None
+        # when they were rounded to a 16-bit dtype on loading, which moves them off any grid.
+        self.on_grid: bool | None = None
+        if weight.dtype == torch.float32:
+            dequantized = q.reshape(self.out_features, -1, GROUP_SIZE) * scale[..., None] + minimum[..., None]
+            self.on_grid = bool(torch.equal(dequantized.reshape(weight.shape), weight))
         # The kernel dequantises (q - 8) * scale + zero, so zero is the group's value at q = 8.
         scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
@@ -136,19 +147,28 @@ def fits_kernel(linear: nn.Linear) -> bool:
     return linear.in_features % GROUP_SIZE == 0 and linear.out_features % 16 == 0
 
 
-def quantize_int4(model: nn.Module, max_rows: int | None = None, dense_dtype: torch.dtype | None = None) -> int:
+def quantize_int4(
+    model: nn.Module, max_rows: int | None = None, dense_dtype: torch.dtype | None = None, *, exact_only: bool = False
+) -> tuple[int, int]:
     """Swap every nn.Linear the kernel can take (input width a multiple of 32, output of 16) for an
-    Int4Linear; returns how many.
+    Int4Linear; returns (swapped, kept dense because not exact).
 
-    The output head stays dense: the tied head is the embedding table, and its logits decide every
-    sampled token.
+    exact_only: swap only layers whose float32 weights lie on the 4-bit grid already (what `auto`
+    asks, so a file labelled Q4_1 with some layers in other formats loses nothing in those; 16-bit
+    weights cannot be checked and are swapped). The output head
+    stays dense: the tied head is the embedding table, and its logits decide every sampled token.
     """
     if max_rows is None:
         max_rows, dense_dtype = default_layout()
-    swapped = 0
+    swapped = inexact = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name != "output" and fits_kernel(child):
-                setattr(parent, name, Int4Linear(child, max_rows, dense_dtype))
-                swapped += 1
-    return swapped
+            if not (isinstance(child, nn.Linear) and name != "output" and fits_kernel(child)):
+                continue
+            layer = Int4Linear(child, max_rows, dense_dtype)
+            if exact_only and layer.on_grid is False:
+                inexact += 1
+                continue
+            setattr(parent, name, layer)
+            swapped += 1
+    return swapped, inexact

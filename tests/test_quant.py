@@ -3,6 +3,7 @@ for large batches, and chosen by `auto` only where it loses nothing the checkpoi
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import nn
 
 from model import quant
 from model.checkpoint import CheckpointError, load_weights
+from model.sampling import SamplingParams
 from model.quant import GROUP_SIZE, Int4Linear, quantize_groups, quantize_int4, resolve_quantization
 from tests.conftest import tiny_model
 from tests.test_oracle import GOLDEN_PROMPT, greedy, hf_logits, one_thread, transformers_gguf_model
@@ -107,7 +109,7 @@ def test_default_layout_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None
 
 @needs_int4_kernel
 def test_int4_rows_do_not_depend_on_the_batch() -> None:
-    """Greedy output must not depend on who else is in the decode batch."""
+    """Within the int4 kernel a row's result does not depend on who else is in the decode batch."""
     torch.manual_seed(0)
     layer = Int4Linear(nn.Linear(256, 512, bias=False), max_rows=32)
     x = torch.randn(32, 256)
@@ -116,17 +118,33 @@ def test_int4_rows_do_not_depend_on_the_batch() -> None:
 
 
 def test_quantize_int4_swaps_the_layers_but_not_the_head() -> None:
-    model = tiny_model()
-    swapped = quantize_int4(model, max_rows=16)
-    assert swapped == 7 * len(model.layers)
-    assert isinstance(model.layers[0].attention.wq, Int4Linear) and isinstance(model.layers[0].feed_forward.w2, Int4Linear)
-    assert not any(isinstance(m, Int4Linear) for m in [model.tok_embeddings, model.norm])
+    untied = tiny_model(vocab_size=256)  # a head the kernel could take: it must stay dense anyway
+    assert quantize_int4(untied, max_rows=16) == (7 * len(untied.layers), 0)
+    assert isinstance(untied.layers[0].attention.wq, Int4Linear) and isinstance(untied.layers[0].feed_forward.w2, Int4Linear)
+    assert type(untied.output) is nn.Linear
+    tied = tiny_model(vocab_size=256, tie_word_embeddings=True)
+    quantize_int4(tied, max_rows=16)
+    assert tied.output is None and isinstance(tied.tok_embeddings, nn.Embedding)
 
 
 def test_quantize_int4_keeps_layers_the_kernel_cannot_take() -> None:
     model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 8), nn.Linear(64, 32))
-    assert quantize_int4(model, max_rows=4) == 1
+    assert quantize_int4(model, max_rows=4) == (1, 0)
     assert [type(m) for m in model] == [nn.Linear, nn.Linear, Int4Linear]
+
+
+def test_exact_only_keeps_layers_that_are_not_on_a_4_bit_grid() -> None:
+    """`auto` promises to lose nothing: a layer stored in another format than Q4_1 stays dense."""
+    torch.manual_seed(0)
+    on_grid, off_grid = nn.Linear(64, 32, bias=False), nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        on_grid.weight.copy_(gguf_q4_1_roundtrip(on_grid.weight.detach()))
+    model = nn.Sequential(on_grid, off_grid)
+    assert quantize_int4(model, max_rows=4, exact_only=True) == (1, 1)
+    assert [type(m) for m in model] == [Int4Linear, nn.Linear]
+    assert model[0].on_grid is True
+    rounded = nn.Sequential(nn.Linear(64, 32, bias=False).to(torch.bfloat16))  # --dtype bfloat16: cannot tell
+    assert quantize_int4(rounded, max_rows=4, exact_only=True) == (1, 0) and rounded[0].on_grid is None
 
 
 def test_auto_quantises_only_q4_1_ggufs_on_a_cpu_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,9 +169,14 @@ def test_int4_where_it_cannot_run_is_a_clear_error(monkeypatch: pytest.MonkeyPat
         resolve_quantization("int4", "cpu", None)
 
 
-def test_load_weights_reports_a_bad_quantization_as_a_checkpoint_error(smollm2_path: Path) -> None:
+def test_load_weights_refuses_a_bad_quantization_before_reading_weights(tmp_path: Path) -> None:
+    """Checked before anything is parsed: this file is not even a GGUF."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"not a gguf")
     with pytest.raises(CheckpointError, match="quantization"):
-        load_weights(smollm2_path, max_batch_size=1, max_seq_len=64, quantization="int3")
+        load_weights(path, max_batch_size=1, max_seq_len=64, quantization="int3")
+    with pytest.raises(CheckpointError, match="CPU only"):
+        load_weights(path, device="cuda", max_batch_size=1, max_seq_len=64, quantization="int4")
 
 
 @needs_int4_kernel
@@ -180,3 +203,37 @@ def test_smollm2_int4_matches_the_gguf_and_stays_close_to_transformers(smollm2_p
     kl = F.kl_div(step_logits.log_softmax(-1), reference_steps.log_softmax(-1), log_target=True, reduction="batchmean")
     assert kl < 0.02, f"mean KL to transformers {kl:.4f}"
     assert tokens[:8] == [504, 3575, 282, 4649, 314, 7042, 30, 2]  # the golden continuation (llama.cpp agrees)
+
+
+@needs_int4_kernel
+def test_engine_on_int4_weights_both_sides_of_max_rows(smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's default path: the golden answer from a request decoded alone (int4 kernel) and
+    from eight decoded together (dense weights above max_rows), prefill padded across rows."""
+    from app.engine import Engine, GenerationRequest
+    from model.checkpoint import load_model
+    from tests.engine_helpers import collect, ids_of, run
+
+    _, dense_dtype = quant.default_layout()
+    monkeypatch.setattr(quant, "default_layout", lambda: (4, dense_dtype))
+    loaded = load_model(smollm2_path, max_batch_size=8, max_seq_len=64, quantization="auto")
+    assert loaded.quantization == "int4"
+    assert loaded.model.layers[0].attention.wq.max_rows == 4
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=8, max_seq_len=64)
+    engine.start()
+    golden_prompt = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    greedy = SamplingParams(temperature=0.0)
+
+    async def main() -> tuple[list[int], list[list[int]]]:
+        alone = ids_of(await collect(engine.submit(GenerationRequest(golden_prompt, greedy, max_tokens=20))))
+        streams = [engine.submit(GenerationRequest(golden_prompt[: 16 - i], greedy, max_tokens=20)) for i in range(8)]
+        crowd = [ids_of(outputs) for outputs in await asyncio.gather(*(collect(s) for s in streams))]
+        return alone, crowd
+
+    try:
+        alone, crowd = run(main())
+    finally:
+        engine.shutdown()
+    golden = [504, 3575, 282, 4649, 314, 7042, 30, 2]
+    assert alone == golden
+    assert crowd[0] == golden  # the full prompt, decoded in a batch of 8 through the dense weights
+    assert all(len(ids) > 0 for ids in crowd)  # the cut prompts answer something, no errors
