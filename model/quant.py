@@ -4,15 +4,14 @@ Why: on a CPU, decoding a few rows is bound by reading the weights from memory (
 reads ~540 MB a token). Group-wise 4-bit weights -- groups of 32 along the input, one scale and one
 minimum per group, the Q4_1 layout llama.cpp ships the default model in -- are read by torch's own
 int4 kernel (`aten._weight_int4pack_mm_for_cpu`, the kernel torchao uses). That kernel is fast only
-with bfloat16 activations and bfloat16 scales, so those two are rounded to bfloat16; it accumulates
-in float32.
+with bfloat16 activations, scales and zeros; it accumulates in float32 and returns bfloat16.
 
 The kernel loses to dense GEMM once many rows share each weight read (prefill chunks, large decode
 batches), so every layer keeps a dense weight and uses it above `max_rows` rows: in bfloat16 on CPUs
 with bf16 matmul units (AMX, AVX512-BF16), where that GEMM is ~2x faster than float32, else in the
-model's dtype. Re-quantising a
-Q4_1 GGUF's dequantised weights finds the file's own grid again (each group's minimum and maximum
-are on it), so `auto` quantises exactly those files and never loses precision the checkpoint had.
+model's dtype. Re-quantising a Q4_1 GGUF's dequantised weights finds the file's own grid again (each
+group's minimum and maximum are on it), so `auto` quantises exactly those files, and keeps dense any
+layer that is not on the grid.
 """
 
 from __future__ import annotations
