@@ -16,14 +16,13 @@ layer that is not on the grid.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 GROUP_SIZE = 32
-Quantization = Literal["auto", "none", "int4"]
 QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int4")
 GGUF_FILE_TYPE_Q4_1 = 3  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_1 (`general.file_type`)
 
