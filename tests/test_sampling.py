@@ -150,6 +150,19 @@ def test_draw_across_blocks_follows_the_distribution_and_skips_filtered_tokens()
     np.testing.assert_allclose(freq[allowed], expected[allowed], atol=0.03)
 
 
+def test_a_uniform_that_rounds_up_to_the_total_still_picks_a_token_with_mass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uniform * total can round up to the total; the draw must then take the last token with mass,
+    not run past the cdf or land on a filtered token after it."""
+    vocab = 9
+    logits = torch.full((2, vocab), -math.inf)
+    logits[:, [1, 4, 6]] = torch.tensor([0.3, -1.0, 0.7])
+    sampler = Sampler(2, vocab, seed=0)
+    for slot in range(2):
+        sampler.set_slot(slot, SamplingParams(temperature=0.9, top_p=0.999), [0])
+    monkeypatch.setattr(torch, "rand", lambda n, **kwargs: torch.ones(n))  # the worst rounding: u * total == total
+    assert sampler.sample(logits.clone(), [0, 1]).token_ids == [6, 6]
+
+
 def seeded_run(slot: int, others: int, seed: int, steps: int = 20) -> list[int]:
     """Draw `steps` tokens for a seeded request in `slot`, next to `others` unseeded rows."""
     sampler = Sampler(8, V)
