@@ -36,6 +36,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from app.engine import Engine, GenerationRequest  # noqa: E402
+from model.quant import QUANTIZATIONS  # noqa: E402
 from model.sampling import SamplingParams  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache" / "llamaserve" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--skip-hf", action="store_true", help="measure the engine only")
-    parser.add_argument("--quantization", choices=["auto", "none", "int4"], default="auto", help="as the server's flag")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help="as the server's flag")
     args = parser.parse_args(argv)
     if args.output_tokens < 2 or min(args.batches) < 1:
         parser.error("need --output-tokens >= 2 and batches >= 1")

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from app.engine import Engine, GenerationRequest  # noqa: E402
 from bench.engine_throughput import DEFAULT_MODEL, in_thread, warn_if_busy  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
+from model.quant import QUANTIZATIONS  # noqa: E402
 from model.sampling import SamplingParams  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--quantization", choices=["auto", "none", "int4"], default="auto", help="as the server's flag")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help="as the server's flag")
     args = parser.parse_args()
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=0)
     torch.set_num_threads(args.threads)

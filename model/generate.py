@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from model.chat import default_system_prompt, detect_chat_format, end_of_turn_ids, render_chat  # noqa: E402
 from model.checkpoint import CheckpointError, LoadedModel, load_model  # noqa: E402
+from model.quant import QUANTIZATIONS  # noqa: E402
 from model.llama import Transformer  # noqa: E402
 from model.sampling import Sampler, SamplingParamError, SamplingParams, validate_sampling  # noqa: E402
 from model.tokenizer import IncrementalDetokenizer  # noqa: E402
@@ -69,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bos", action="store_true", help="prepend BOS to a plain prompt")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--quantization", choices=["auto", "none", "int4"], default="auto",
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                         help="int4 weights for decode on CPU; auto: for a Q4_1 GGUF (as the server)")
     return parser.parse_args(argv)
 

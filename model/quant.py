@@ -95,6 +95,12 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return q.reshape(rows, cols), scale, minimum
 
 
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """The float32 weights `quantize_groups`' output stands for: q * scale + minimum per group."""
+    rows, cols = q.shape
+    return (q.reshape(rows, -1, GROUP_SIZE) * scale[..., None] + minimum[..., None]).reshape(rows, cols)
+
+
 class Int4Linear(nn.Module):
     """A bias-optional linear layer that reads 4-bit weights for small batches, dense ones otherwise.
 
@@ -118,8 +124,7 @@ class Int4Linear(nn.Module):
         # when they were rounded to a 16-bit dtype on loading, which moves them off any grid.
         self.on_grid: bool | None = None
         if weight.dtype == torch.float32:
-            dequantized = q.reshape(self.out_features, -1, GROUP_SIZE) * scale[..., None] + minimum[..., None]
-            self.on_grid = bool(torch.equal(dequantized.reshape(weight.shape), weight))
+            self.on_grid = bool(torch.equal(dequantize_groups(q, scale, minimum), weight))
         # The kernel dequantises (q - 8) * scale + zero, so zero is the group's value at q = 8.
         scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)

@@ -15,7 +15,7 @@ from torch import nn
 from model import quant
 from model.checkpoint import CheckpointError, load_weights
 from model.sampling import SamplingParams
-from model.quant import GROUP_SIZE, Int4Linear, quantize_groups, quantize_int4, resolve_quantization
+from model.quant import GROUP_SIZE, Int4Linear, dequantize_groups, quantize_groups, quantize_int4, resolve_quantization
 from tests.conftest import tiny_model
 from tests.test_oracle import GOLDEN_PROMPT, greedy, hf_logits, one_thread, transformers_gguf_model
 
@@ -29,11 +29,6 @@ def gguf_q4_1_roundtrip(weight: torch.Tensor) -> torch.Tensor:
 
     blocks = quantize(weight.numpy(), GGMLQuantizationType.Q4_1)
     return torch.from_numpy(np.asarray(dequantize(blocks, GGMLQuantizationType.Q4_1), dtype=np.float32)).reshape(weight.shape)
-
-
-def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    rows, cols = q.shape
-    return (q.reshape(rows, -1, GROUP_SIZE) * scale[..., None] + minimum[..., None]).reshape(rows, cols)
 
 
 def test_requantising_a_q4_1_tensor_finds_its_grid_again() -> None:
