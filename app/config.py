@@ -21,6 +21,11 @@ class Settings(BaseSettings):
     quantization: Literal["auto", "none", "int4"] = Field(
         "auto", description="int4: 4-bit weights for small decode batches on CPU (AVX2/AVX-512); auto: int4 for a Q4_1 GGUF on such a CPU, else none"
     )
+    batch_invariant: bool = Field(
+        True,
+        description="a request's tokens and logprobs are the same bits whatever else shares its batch "
+        "(slower at large batches, see docs/performance.md); --no-batch-invariant for the batch-dependent fast paths",
+    )
     max_batch_size: int = Field(8, ge=1, description="KV-cache slots: requests decoded together")
     max_seq_len: int = Field(2048, ge=8, description="context length per slot (prompt + completion)")
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 503")

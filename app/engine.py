@@ -7,10 +7,9 @@ loop never blocks on the model.
 
 A step. (1) Cancelled requests give back their slots. (2) Waiting requests take free slots, lowest
 first (so a full house of B requests runs as slots 0..B-1 and the cache is read as a view). (3)
-Chunked prefill: at most `prefill_chunk` prompt tokens per step in all, shared out in admission
-order; the chunks of several prompts run as one padded batch (a row shorter than the longest repeats
-its last token and position: the duplicate writes the same key/value to the same place). A long
-prompt therefore delays the running streams by at most one chunk per step instead of by its whole
+Chunked prefill: at most `prefill_chunk` prompt tokens per step in all, in admission order, one
+prompt per forward, each prompt cut into chunks at multiples of `prefill_chunk` from its start (so
+its numbers never depend on the other prompts: see model/invariance.py). A long prompt therefore delays the running streams by at most one chunk per step instead of by its whole
 length. Measured on SmolLM2-135M, 2 CPU cores, int4 weights (docs/performance.md): a 512-token chunk
 (the default) takes ~310 ms, about 3 batch-32 decode steps; against 256 it raised 32-client
 throughput from 278 to ~292 tok/s and cut TTFT p50 from 1.45 to ~1.05 s, while 1024 was no faster.
@@ -471,51 +470,51 @@ class Engine:
                 self._finish_without_tokens(seq)
 
     def _prefill(self) -> None:
-        """Run up to prefill_chunk prompt tokens (in all) of the prompts still being read."""
+        """Run whole prompt chunks, up to prefill_chunk tokens in all (at least one chunk a step).
+
+        One prompt per forward, cut at multiples of prefill_chunk from its start: the shapes a
+        prompt is computed with depend on that prompt alone, never on who else is prefilling, which
+        keeps its prompt logprobs, cache and first token batch-invariant (model/invariance.py). A
+        chunk larger than what is left of the budget waits for the next step; smaller ones behind
+        it may go first.
+        """
         budget = self.prefill_chunk
-        batch: list[tuple[_Sequence, int]] = []
+        finished: list[tuple[_Sequence, torch.Tensor]] = []
         for seq in sorted((s for s in self._running.values() if s.prefilling), key=lambda s: s.order):
+            n = min(seq.num_prompt - seq.num_cached, self.prefill_chunk)
+            if n > budget and budget < self.prefill_chunk:
+                continue
+            budget -= n
+            last_logits = self._prefill_chunk(seq, n)
+            if last_logits is not None:
+                finished.append((seq, last_logits))
             if budget <= 0:
                 break
-            n = min(seq.num_prompt - seq.num_cached, budget)
-            batch.append((seq, n))
-            budget -= n
-        if not batch:
-            return
-        width = max(n for _, n in batch)
-        tokens, positions = [], []
-        for seq, n in batch:
-            start = seq.num_cached
-            chunk = seq.tokens[start : start + n]
-            tokens.append(chunk + [chunk[-1]] * (width - n))
-            positions.append(list(range(start, start + n)) + [start + n - 1] * (width - n))
-        slots = [seq.slot for seq, _ in batch]
-        all_logits = any(seq.request.prompt_logprobs for seq, _ in batch)
+        if finished:
+            self._sample_and_emit([seq for seq, _ in finished], torch.stack([row for _, row in finished]))
+
+    def _prefill_chunk(self, seq: _Sequence, n: int) -> torch.Tensor | None:
+        """Read the next n prompt tokens of `seq`; the logits of its last prompt token once the
+        whole prompt is in (None before that, or when max_tokens is 0 and the request is done)."""
+        start = seq.num_cached
+        positions = torch.arange(start, start + n, device=self.device)[None]
         logits = self.model(
-            torch.tensor(tokens, device=self.device),
-            torch.tensor(positions, device=self.device),
-            self._slot_tensor(slots),
-            kv_len=max(seq.num_cached + n for seq, n in batch),
-            all_logits=all_logits,
+            torch.tensor([seq.tokens[start : start + n]], device=self.device),
+            positions,
+            self._slot_tensor([seq.slot]),
+            kv_len=start + n,
+            all_logits=seq.prompt_lps is not None,
         )
-        done_rows, done = [], []
-        for row, (seq, n) in enumerate(batch):
-            if seq.prompt_lps is not None:
-                self._collect_prompt_logprobs(seq, logits[row, :n], n)
-            seq.num_cached += n
-            self._prompt_tokens_total += n
-            if seq.prefilling:
-                continue
-            if seq.request.max_tokens == 0:
-                self._finish_without_tokens(seq)
-                continue
-            done_rows.append(row)
-            done.append(seq)
-        if done:
-            rows = logits[done_rows]
-            if all_logits:  # (B, T, V): each row's last real column
-                rows = rows[torch.arange(len(done_rows)), torch.tensor([batch[r][1] - 1 for r in done_rows])]
-            self._sample_and_emit(done, rows)
+        if seq.prompt_lps is not None:
+            self._collect_prompt_logprobs(seq, logits[0], n)
+        seq.num_cached += n
+        self._prompt_tokens_total += n
+        if seq.prefilling:
+            return None
+        if seq.request.max_tokens == 0:
+            self._finish_without_tokens(seq)
+            return None
+        return logits[0, -1] if logits.dim() == 3 else logits[0]
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         seqs = [s for s in seqs if s.slot in self._running and self._running[s.slot] is s]

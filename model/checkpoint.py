@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from model import fetch, gguf_weights, quant
 from model.args import ModelArgs, UnsupportedArchitectureError, gguf_value
+from model.invariance import make_batch_invariant
 from model.llama import Transformer
 from model.tokenizer import Tokenizer, tokenizer_from_dir, tokenizer_from_gguf
 
@@ -67,6 +68,7 @@ def load_model(
     cache_dir: str | Path | None = None,
     cache_weights: bool = True,
     quantization: str = "none",
+    batch_invariant: bool = True,
 ) -> LoadedModel:
     """Model + tokenizer + name + chat template from a checkpoint path (format detected).
 
@@ -74,11 +76,12 @@ def load_model(
     GGUF weights are cached as fp32 safetensors under cache_dir (default: $LLAMASERVE_CACHE_DIR or
     ~/.cache/llamaserve) unless cache_weights is False. quantization: none, int4 (CPU, see
     model/quant.py) or auto (int4 for a Q4_1 GGUF on a CPU that has the int4 kernel).
+    batch_invariant: a row's numbers never depend on the rest of its batch (model/invariance.py).
     """
     path = Path(path)
     weights = load_weights(
         path, device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-        cache_dir=cache_dir, cache_weights=cache_weights, quantization=quantization,
+        cache_dir=cache_dir, cache_weights=cache_weights, quantization=quantization, batch_invariant=batch_invariant,
     )
     try:
         if weights.gguf_reader is not None:
@@ -104,6 +107,7 @@ def load_weights(
     cache_dir: str | Path | None = None,
     cache_weights: bool = True,
     quantization: str = "none",
+    batch_invariant: bool = True,
 ) -> LoadedWeights:
     """The network with its weights and KV cache, without the tokenizer."""
     path = Path(path)
@@ -146,7 +150,9 @@ def load_weights(
         log.info("int4 weights for %d linear layers; dense %s weights above %d rows", swapped, dense_dtype or dtype, max_rows)
         if inexact:
             log.warning("%d linear layers are not on a Q4_1 grid (other formats in the file): kept dense", inexact)
-    model.setup_cache(max_batch_size, max_seq_len)
+    if batch_invariant:
+        make_batch_invariant(model)
+    model.setup_cache(max_batch_size, max_seq_len, batch_invariant=batch_invariant)
     return LoadedWeights(model, args, name, template, reader, resolved)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs, RopeScaling
+from model.invariance import KV_BLOCK, round_up, tiled_linear
 from model.kv_cache import KVCache
 
 
@@ -143,14 +144,23 @@ class Transformer(nn.Module):
         self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self.cache_len = 0  # positions per slot in the cache: max_seq_len, rounded up to KV_BLOCK when batch invariant
+        self.batch_invariant = False
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate the slot cache and RoPE tables once, on the weights' device and dtype."""
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, *, batch_invariant: bool = False) -> None:
+        """Allocate the slot cache and RoPE tables once, on the weights' device and dtype.
+
+        batch_invariant: decode rows compute the head in fixed row tiles and attention reads whole
+        KV_BLOCKs of keys (model/invariance.py; the linear layers are swapped by
+        `make_batch_invariant`), so the cache holds a whole number of blocks.
+        """
         weight = self.tok_embeddings.weight
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.batch_invariant = batch_invariant
+        self.cache_len = round_up(max_seq_len, KV_BLOCK) if batch_invariant else max_seq_len
         for layer in self.layers:
             layer.attention.cache = KVCache(
-                max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device
+                max_batch_size, self.cache_len, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device
             )
         cos, sin = rope_tables(self.args, max_seq_len, weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -196,6 +206,8 @@ class Transformer(nn.Module):
         (B, V) for the last column, or (B, T, V) with all_logits.
         """
         kv_len = self.check_inputs(tokens, positions, slots, kv_len)
+        if self.batch_invariant:  # whole key blocks: the keys other rows need change nothing (invariance.py)
+            kv_len = min(round_up(kv_len, KV_BLOCK), self.cache_len)
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
         cos = self.rope_cos[positions][:, None]
@@ -205,4 +217,6 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, slots, positions, mask)
         h = self.norm(h if all_logits else h[:, -1])
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
+        if self.batch_invariant and tokens.shape[1] == 1:  # decode rows: fixed-shape GEMMs
+            return tiled_linear(h, head).float()
         return F.linear(h, head).float()

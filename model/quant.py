@@ -16,11 +16,14 @@ layer that is not on the grid.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.invariance import is_decode
 
 GROUP_SIZE = 32
 QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int4")
@@ -47,6 +50,23 @@ def native_bf16_matmul() -> bool:
     return any(bool(probe()) for probe in probes if probe is not None)
 
 
+DENSE_BF16_ENV = "LLAMASERVE_DENSE_BF16"  # auto | on | off
+
+
+def dense_bf16() -> bool:
+    """Whether the int4 layers keep their dense (prefill) weights in bfloat16.
+
+    auto follows the hardware (`native_bf16_matmul`); $LLAMASERVE_DENSE_BF16=on/off overrides it, so
+    one machine can run the other dispatch path (CI runs the model tests both ways; with
+    ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and MKL_ENABLE_INSTRUCTIONS=AVX2 beside `off`
+    an AMX Xeon computes like an AVX2-only CPU).
+    """
+    choice = os.environ.get(DENSE_BF16_ENV, "auto").strip().lower()
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"${DENSE_BF16_ENV} must be auto, on or off, got {choice!r}")
+    return native_bf16_matmul() if choice == "auto" else choice == "on"
+
+
 def int4_kernel_available() -> bool:
     """torch (>= 2.6) has vectorised int4 kernels for AVX2 and AVX-512; the scalar one is slower than float32."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and cpu_capability() in MAX_ROWS_VS_FLOAT32
@@ -56,7 +76,7 @@ def default_layout() -> tuple[int, torch.dtype | None]:
     """(max_rows, dtype of the dense weights) for this CPU: on bf16 hardware the dense weights used
     above max_rows (prefill, large batches) are bfloat16, about 2x faster than float32 there;
     None keeps the model's dtype."""
-    if native_bf16_matmul():
+    if dense_bf16():
         return MAX_ROWS_VS_BFLOAT16, torch.bfloat16
     return MAX_ROWS_VS_FLOAT32.get(cpu_capability(), 0), None
 
@@ -119,6 +139,9 @@ class Int4Linear(nn.Module):
         self.weight = nn.Parameter(weight.to(dense_dtype or weight.dtype), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.max_rows = max_rows
+        # With batch invariance, decode rows always take the kernel (its rows are independent by
+        # construction); only prefill, whose shapes depend on one prompt, may go dense.
+        self.batch_invariant = False
         q, scale, minimum = quantize_groups(weight)
         # Whether the 4-bit grid holds the weights exactly (true for a Q4_1 file's own layers); None
         # when they were rounded to a 16-bit dtype on loading, which moves them off any grid.
@@ -132,7 +155,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > self.max_rows:
+        if rows > self.max_rows and not (self.batch_invariant and is_decode(x)):
             out = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         else:
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
@@ -142,7 +165,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}, "
-                f"max_rows={self.max_rows}, dense={self.weight.dtype}")
+                f"max_rows={self.max_rows}, dense={self.weight.dtype}, batch_invariant={self.batch_invariant}")
 
 
 def fits_kernel(linear: nn.Linear) -> bool:

@@ -228,24 +228,34 @@ class Sampler:
         if any(p.min_p > 0.0 for p in params):
             floor = x.amax(dim=-1, keepdim=True) + torch.log(self.min_p[index])[:, None]
             x = x.masked_fill(x < floor, -math.inf)
-        use_top_k = any(0 < p.top_k < self.vocab_size for p in params)
-        use_top_p = any(p.top_p < 1.0 for p in params)
-        if not use_top_k and not use_top_p:
+        # Each row starts from its own number of candidates and retries alone: what another row of
+        # the batch asks for never changes the sums this row's threshold is computed from.
+        first = [self._first_candidates(p) for p in params]
+        if not any(first):
             return x
-        k_max = max([p.top_k for p in params if 0 < p.top_k < self.vocab_size], default=0)
-        candidates = max(k_max, TOP_P_CANDIDATES if use_top_p else 0)
-        full_norm = x.logsumexp(dim=-1) if use_top_p else None  # once, not per retry
-        threshold = torch.empty(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        pending = torch.arange(x.shape[0], device=x.device)  # rows whose threshold is not known yet
-        while pending.numel():
-            rows = pending if pending.numel() < x.shape[0] else slice(None)
+        full_norm = x.logsumexp(dim=-1) if any(p.top_p < 1.0 for p in params) else None  # once, not per retry
+        threshold = torch.full((x.shape[0], 1), -math.inf, dtype=x.dtype, device=x.device)
+        pending: dict[int, list[int]] = {}  # candidates -> rows still to decide with that many
+        for row, candidates in enumerate(first):
+            if candidates:
+                pending.setdefault(candidates, []).append(row)
+        while pending:
+            candidates, rows = pending.popitem()
+            at = torch.tensor(rows, device=x.device)
             found, undecided = self._threshold(
-                x[rows], index[rows], min(candidates, self.vocab_size), None if full_norm is None else full_norm[rows]
+                x[at], index[at], candidates, None if full_norm is None else full_norm[at]
             )
-            threshold[pending] = found
-            pending = pending[undecided]
-            candidates *= 4  # only the undecided rows (usually one or two) pay for the larger topk
+            threshold[at] = found
+            retry = at[undecided].tolist()
+            if retry:  # usually one or two rows: only they pay for the larger topk
+                pending.setdefault(min(candidates * 4, self.vocab_size), []).extend(retry)
         return x.masked_fill_(x < threshold, -math.inf)  # x is a fresh tensor (divided by temperature)
+
+    def _first_candidates(self, params: SamplingParams) -> int:
+        """How many best tokens a row's first top-k/top-p pass looks at (0: it filters nothing)."""
+        top_k = params.top_k if 0 < params.top_k < self.vocab_size else 0
+        wanted = max(top_k, TOP_P_CANDIDATES if params.top_p < 1.0 else 0)
+        return min(wanted, self.vocab_size)
 
     def _threshold(
         self, x: torch.Tensor, index: torch.Tensor, candidates: int, full_norm: torch.Tensor | None

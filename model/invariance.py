@@ -1,0 +1,87 @@
+"""Batch invariance: one row's numbers never depend on the other rows of its forward.
+
+Why: evaluation users score the same prompt alone and among 31 others and expect the same bits.
+CPU GEMM libraries pick their kernel by the number of rows, so a row's rounding changes with the
+batch. Measured on a 2-core Xeon, torch 2.13 (bench/fidelity.py prints the spread): MKL's float32
+GEMM has separate regimes at 1, 2-13, 16-48 and 64+ rows; oneDNN's bfloat16 GEMM changes above 32
+rows; the int4 layers switched to dense weights above `max_rows`; attention's online softmax walks
+the keys in blocks whose size followed the longest row of the batch.
+
+The rules, each of which makes one source of variation impossible rather than unlikely:
+1. Prefill runs one prompt per forward, in chunks whose boundaries depend on that prompt alone
+   (the engine's job). Its shapes are a function of the prompt, so any kernel may serve them.
+2. A decode forward (one token per row) computes each linear layer with a kernel whose rows are
+   independent by construction -- the int4 weight-only kernel, where every output row accumulates
+   its own dot products over K in a fixed order -- or, for dense weights, in tiles of exactly
+   ROW_TILE rows: every call is a GEMM of one fixed shape, and the rows of a GEMM never interact.
+3. Attention reads keys up to a multiple of KV_BLOCK, the CPU flash kernel's key block: trailing
+   blocks that are fully masked add exact zeros, so the length the batch needs changes nothing.
+The sampler keeps its part (model/sampling.py): each row's top-k/top-p candidates depend on that
+row's own parameters only.
+
+What it costs is in docs/performance.md; `batch_invariant=False` (`--no-batch-invariant`) restores
+the batch-dependent fast paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KV_BLOCK = 512  # aten's CPU flash attention reads keys in blocks of min(512, key length)
+ROW_TILE = 8  # rows per GEMM call for dense weights in decode; any fixed size works, 8 measured cheapest overall
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def is_decode(x: torch.Tensor) -> bool:
+    """A (B, 1, D) activation: one new token per row, i.e. rows from different requests."""
+    return x.dim() == 3 and x.shape[1] == 1
+
+
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tile: int = ROW_TILE) -> torch.Tensor:
+    """F.linear computed as GEMMs of exactly `tile` rows (zero rows pad the last one)."""
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    padded = round_up(rows, tile)
+    if padded != rows:
+        flat = torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])])
+    out = torch.cat([F.linear(part, weight, bias) for part in flat.split(tile)])
+    return out[:rows].reshape(*x.shape[:-1], weight.shape[0])
+
+
+class TiledLinear(nn.Module):
+    """A dense linear layer whose decode rows run in fixed tiles (rule 2); prefill uses one GEMM."""
+
+    def __init__(self, linear: nn.Linear, tile: int = ROW_TILE) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.tile = tile
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_decode(x):
+            return tiled_linear(x, self.weight, self.bias, self.tile)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, decode_row_tile={self.tile}"
+
+
+def make_batch_invariant(model: nn.Module, tile: int = ROW_TILE) -> int:
+    """Swap every plain nn.Linear for a TiledLinear and tell int4 layers to keep their kernel in
+    decode; returns how many dense layers were swapped. The model's head and attention follow
+    `model.batch_invariant`, set by `Transformer.setup_cache`."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(getattr(child, "batch_invariant", None), bool):  # quant.Int4Linear
+                child.batch_invariant = True
+            elif type(child) is nn.Linear:
+                setattr(parent, name, TiledLinear(child, tile))
+                swapped += 1
+    return swapped
