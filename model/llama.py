@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs, RopeScaling
-from model.invariance import KV_BLOCK, round_up, tiled_linear
+from model.invariance import KV_BLOCK, round_up, row_tile, tiled_linear
 from model.kv_cache import KVCache
 
 
@@ -157,6 +157,7 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.batch_invariant = batch_invariant
+        self.head_tile = row_tile(self.head_weight()) if batch_invariant else 0
         self.cache_len = round_up(max_seq_len, KV_BLOCK) if batch_invariant else max_seq_len
         for layer in self.layers:
             layer.attention.cache = KVCache(
@@ -216,7 +217,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, slots, positions, mask)
         h = self.norm(h if all_logits else h[:, -1])
-        head = self.tok_embeddings.weight if self.output is None else self.output.weight
         if self.batch_invariant and tokens.shape[1] == 1:  # decode rows: fixed-shape GEMMs
-            return tiled_linear(h, head).float()
-        return F.linear(h, head).float()
+            return tiled_linear(h, self.head_weight(), None, self.head_tile).float()
+        return F.linear(h, self.head_weight()).float()
+
+    def head_weight(self) -> torch.Tensor:
+        """The output projection: its own weight, or the token embeddings when tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight

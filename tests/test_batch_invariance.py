@@ -18,7 +18,7 @@ import torch
 from app.engine import Engine, GenerationOutput, GenerationRequest
 from model import quant
 from model.checkpoint import load_model
-from model.invariance import KV_BLOCK, ROW_TILE, TiledLinear, make_batch_invariant, tiled_linear
+from model.invariance import KV_BLOCK, TiledLinear, make_batch_invariant, row_tile, tiled_linear
 from model.sampling import SamplingParams
 from tests.conftest import tiny_model
 from tests.engine_helpers import collect, run
@@ -77,13 +77,15 @@ def test_decode_logits_are_the_same_bits_alone_and_in_any_batch(int4: bool) -> N
         assert torch.equal(a, c), f"step {step}: alone vs batch of 2 differ by {(a - c).abs().max():.3g}"
 
 
-def test_tiled_linear_rows_do_not_depend_on_the_rest_of_the_tile() -> None:
+@pytest.mark.parametrize("shape", [(300, 96), (64, 64), (1536, 576), (576, 1536), (49152, 576)])
+def test_tiled_linear_rows_do_not_depend_on_the_rest_of_the_tile(shape: tuple[int, int]) -> None:
     torch.manual_seed(0)
-    weight, bias = torch.randn(300, 96), torch.randn(300)
-    x = torch.randn(3 * ROW_TILE + 1, 1, 96)
-    alone = torch.cat([tiled_linear(x[i : i + 1], weight, bias) for i in range(x.shape[0])])
-    assert torch.equal(tiled_linear(x, weight, bias), alone)
-    assert torch.allclose(alone, torch.nn.functional.linear(x, weight, bias), atol=1e-4)
+    weight, bias = torch.randn(*shape) * 0.05, torch.randn(shape[0])
+    tile = row_tile(weight, bias)
+    x = torch.randn(3 * tile + 1, 1, shape[1])
+    alone = torch.cat([tiled_linear(x[i : i + 1], weight, bias, tile) for i in range(x.shape[0])])
+    assert torch.equal(tiled_linear(x, weight, bias, tile), alone)
+    assert torch.allclose(alone, torch.nn.functional.linear(x, weight, bias), atol=1e-3)
 
 
 def test_make_batch_invariant_swaps_dense_layers_and_flags_int4_ones() -> None:
