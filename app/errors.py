@@ -117,17 +117,32 @@ def _where(error: Any) -> str:
     return ".".join(p for p in parts if "[" not in p and p not in _TYPE_TAGS and not p.startswith("function-"))
 
 
+def request_id_of(request: Request) -> str | None:
+    """The response id the server gave this request (generation requests only; see app/server.py)."""
+    return getattr(request.state, "request_id", None)
+
+
+def log_rejected(request: Request, error: APIError) -> None:
+    """One log line for a generation request answered with an error, under its request id."""
+    rid = request_id_of(request)
+    if rid is not None:
+        log.info("%s: rejected with %d %s: %s", rid, error.status, error.code or error.type, error.message)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error FastAPI/Starlette can raise into the envelope (never a 422, never a traceback)."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        log_rejected(request, exc)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = validation_message(exc)
-        return bad_request(message, param=param).response()
+        error = bad_request(message, param=param)
+        log_rejected(request, error)
+        return error.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -210,8 +210,9 @@ class ChatCompletionRequest(SamplingFields):
 # ------------------------------------------------------------------------------------------------
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, suffix: str | None = None) -> str:
+    """A response id: `prefix-` + the given suffix (a client's request id) or a random hex uuid."""
+    return f"{prefix}-{suffix or uuid.uuid4().hex}"
 
 
 def now() -> int:
@@ -342,6 +343,24 @@ class DetokenizeRequest(_Request):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info: vLLM's answer (tokenizer_config-style fields), as lm-evaluation-harness's
+    RemoteTokenizer reads it: eos/bos/pad_token as token text (it turns them into ids with POST /tokenize)
+    and chat_template (a Jinja template it renders itself). null where the model has no such token."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    add_bos_token: bool  # whether text prompts of /v1/completions (and /tokenize with add_special_tokens) get BOS
+    model_max_length: int  # the served context (prompt + completion tokens)
+    vocab_size: int
+    chat_template: str | None
 
 
 # ------------------------------------------------------------------------------------------------

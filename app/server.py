@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -25,12 +26,20 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
 from app.engine import Engine, GenerationOutput, GenerationRequest, RequestHandle
-from app.errors import APIError, bad_request, from_engine_error, install_error_handlers, model_not_found, unavailable
+from app.errors import (
+    APIError,
+    bad_request,
+    from_engine_error,
+    install_error_handlers,
+    internal_error,
+    model_not_found,
+    unavailable,
+)
 from app.metrics import Metrics
 from app.protocol import (
     AssistantMessage,
@@ -51,6 +60,7 @@ from app.protocol import (
     SamplingFields,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     Usage,
     LegacyLogprobs,
     chat_logprobs,
@@ -73,6 +83,9 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody rea
 STALL_S = 120.0  # an engine with work that has not finished a step for this long is reported unhealthy
 OPEN_PATHS = ("/health", "/metrics")  # never behind the API key (probes, scrapers)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+REQUEST_ID_HEADER = "x-request-id"
+GENERATION_ID_PREFIX = {"/v1/completions": "cmpl", "/v1/chat/completions": "chatcmpl"}  # POST path -> id prefix
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's x-request-id we echo and log; others are ignored
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,6 +359,75 @@ class APIKeyMiddleware:
 # --------------------------------------------------------------------------------------------------
 
 
+def client_request_id(value: str | None) -> str | None:
+    """A client's x-request-id when it is safe to put in a response id, a header and a log line, else None."""
+    return value if value is not None and SAFE_REQUEST_ID.fullmatch(value) else None
+
+
+class RequestIdMiddleware:
+    """Give each generation request its response id and send it back as `x-request-id` on every response.
+
+    The id is the body's `id` (`cmpl-...` / `chatcmpl-...`): like vLLM, a client's `X-Request-Id` becomes
+    the part after the prefix, but only when it is short and plain (SAFE_REQUEST_ID), else a random hex
+    id is used. Routes read it as `request.state.request_id`. Outermost, so 401/413 answers carry it too;
+    an unexpected exception becomes the 500 envelope here (with the header) instead of in Starlette's
+    outer error middleware. Logs one line when the request ends, under the id.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        prefix = GENERATION_ID_PREFIX.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if prefix is None:
+            return await self.app(scope, receive, send)
+        rid = new_id(prefix, client_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER)))
+        scope.setdefault("state", {})["request_id"] = rid
+        status: int | None = None
+        start = time.monotonic()
+
+        async def send_with_id(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            if status is not None:
+                raise
+            log.exception("%s: unhandled error", rid)
+            await internal_error().response()(scope, receive, send_with_id)
+        finally:
+            summary = scope["state"].get("outcome")
+            log.info("%s: finished with status %s in %.3f s%s", rid, status if status is not None else "none (no response)",
+                     time.monotonic() - start, f" ({summary()})" if summary else "")
+
+
+def request_id(request: Request) -> str:
+    """The response id RequestIdMiddleware gave this generation request."""
+    return request.state.request_id  # type: ignore[no-any-return]
+
+
+def describe_submitted(rid: str, handles: list[RequestHandle], prompt_tokens: int, max_tokens: int) -> None:
+    """The request-start log line: ties the response id to the engine's own request ids."""
+    engine_ids = ", ".join(h.request_id for h in handles[:4]) + (f", ... ({len(handles)} in all)" if len(handles) > 4 else "")
+    log.info("%s: started as engine request(s) %s: %d prompt token(s), max_tokens %d", rid, engine_ids, prompt_tokens,
+             max_tokens)
+
+
+def outcome(choices: list[Choice]) -> Callable[[], str]:
+    """What the request-end log line says about the choices (read when the response has been sent)."""
+
+    def text() -> str:
+        reasons = ", ".join(c.finish_reason or "unfinished" for c in choices[:4]) + (", ..." if len(choices) > 4 else "")
+        return f"finish_reason {reasons}; {sum(c.num_generated_tokens for c in choices)} completion token(s)"
+
+    return text
+
+
 @dataclass
 class Choice:
     """One choice of a response: its engine handle and everything it has produced so far."""
@@ -492,7 +574,7 @@ async def collect(choices: list[Choice], request: Request, metrics: Metrics) -> 
         while pending:
             _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
             if pending and await request.is_disconnected():
-                log.info("client disconnected: cancelling %d choice(s)", len(choices))
+                log.info("%s: client disconnected: cancelling %d choice(s)", request_id(request), len(choices))
                 return False
         for task in tasks:
             if task.exception() is not None:
@@ -557,11 +639,13 @@ async def merged_outputs(
             task.cancel()
 
 
-def error_event(exc: BaseException) -> str:
+def error_event(exc: BaseException, rid: str) -> str:
     api = exc if isinstance(exc, APIError) else from_engine_error(exc) if isinstance(exc, Exception) else None
     if api is None:
-        log.error("stream failed after the response started: %r", exc)
-        api = APIError(500, "The server had an error while processing your request.", type="server_error")
+        log.error("%s: stream failed after the response started: %r", rid, exc)
+        api = internal_error()
+    else:
+        log.info("%s: stream ended with an error event: %d %s", rid, api.status, api.message)
     return sse(api.body())
 
 
@@ -596,8 +680,10 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
+            expose_headers=[REQUEST_ID_HEADER],  # so browser clients can read it
         )
+    app.add_middleware(RequestIdMiddleware)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers often probe with HEAD
     async def health() -> JSONResponse:
@@ -634,7 +720,13 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         loaded = state.require_loaded()
         state.check_model(body.model)
         check_ids(body.tokens, loaded.tokenizer.vocab_size, "tokens")
-        return DetokenizeResponse(prompt=loaded.tokenizer.decode(body.tokens)).model_dump()
+        # Control tokens by name, as HF's decode (and so vLLM) writes them: /tokenize reads the text back to the same ids.
+        return DetokenizeResponse(prompt=spelled_out(loaded.tokenizer, body.tokens)).model_dump()
+
+    @app.api_route("/tokenizer_info", methods=["GET", "HEAD"])
+    async def tokenizer_info() -> dict[str, Any]:
+        loaded = state.require_loaded()
+        return tokenizer_info_of(loaded, state.add_bos, state.max_model_len).model_dump()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -660,7 +752,9 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
                 meta.append((p, ids, echo_text if echo else ""))
         handles = submit_all(engine, requests)
         choices = [Choice(k, p, h, ids, echo_text) for k, ((p, ids, echo_text), h) in enumerate(zip(meta, handles))]
-        completion_id, created = new_id("cmpl"), now()
+        completion_id, created = request_id(request), now()
+        describe_submitted(completion_id, handles, sum(len(ids) for ids, _ in prompts), max_tokens)
+        request.state.outcome = outcome(choices)
         if body.stream:
             stream = stream_completion(choices, body, state, completion_id, created)
             return SSEResponse(stream, on_close=lambda: abort_all(choices, state.metrics))
@@ -700,7 +794,9 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         ]
         handles = submit_all(engine, requests, prompt_param="messages")
         choices = [Choice(i, 0, h, prompt_ids) for i, h in enumerate(handles)]
-        chat_id, created = new_id("chatcmpl"), now()
+        chat_id, created = request_id(request), now()
+        describe_submitted(chat_id, handles, len(prompt_ids), max_tokens)
+        request.state.outcome = outcome(choices)
         if body.stream:
             stream = stream_chat(choices, body, state, chat_id, created)
             return SSEResponse(stream, on_close=lambda: abort_all(choices, state.metrics))
@@ -734,6 +830,39 @@ def completion_prompts(body: CompletionRequest, loaded: LoadedModel, add_bos: bo
             check_ids(prompt, tokenizer.vocab_size, "prompt")
             out.append((list(prompt), spelled_out(tokenizer, prompt)))
     return out
+
+
+def token_text(tokenizer: Tokenizer, token_id: int | None) -> str | None:
+    """The text of one token as clients name it: a control token's name, else its bytes as UTF-8 (None if not text)."""
+    if token_id is None or not 0 <= token_id < tokenizer.vocab_size:
+        return None
+    for text, i in tokenizer.special_tokens.items():
+        if i == token_id:
+            return text
+    try:
+        return tokenizer.token_bytes(token_id).decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None
+
+
+def tokenizer_info_of(loaded: LoadedModel, add_bos: bool, max_model_len: int) -> TokenizerInfoResponse:
+    """GET /tokenizer_info. The Tokenizer protocol has no pad token: a `pad_id` attribute is used where a tokenizer has one."""
+    tokenizer = loaded.tokenizer
+    pad_id = getattr(tokenizer, "pad_id", None)
+    pad_id = pad_id if isinstance(pad_id, int) and 0 <= pad_id < tokenizer.vocab_size else None
+    return TokenizerInfoResponse(
+        tokenizer_class=type(tokenizer).__name__,
+        bos_token=token_text(tokenizer, tokenizer.bos_id),
+        eos_token=token_text(tokenizer, tokenizer.eos_id),
+        pad_token=token_text(tokenizer, pad_id),
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=pad_id,
+        add_bos_token=add_bos,
+        model_max_length=max_model_len,
+        vocab_size=tokenizer.vocab_size,
+        chat_template=loaded.chat_template,
+    )
 
 
 def spelled_out(tokenizer: Tokenizer, ids: list[int]) -> str:
@@ -840,7 +969,7 @@ async def stream_completion(
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
                        "choices": [], "usage": usage})
     except Exception as e:  # noqa: BLE001 - after the 200 an error can only be an event
-        yield error_event(e)
+        yield error_event(e, rid)
     yield sse("[DONE]")
 
 
@@ -878,5 +1007,5 @@ async def stream_chat(
             last = ChatCompletionChunk(id=rid, created=created, model=state.model_name, choices=[], usage=usage_of(choices))
             yield sse(last.model_dump())
     except Exception as e:  # noqa: BLE001 - after the 200 an error can only be an event
-        yield error_event(e)
+        yield error_event(e, rid)
     yield sse("[DONE]")
