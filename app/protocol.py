@@ -16,7 +16,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, S
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
-MAX_STOP_STRINGS = 4
+# OpenAI allows 4; vLLM has no limit, and lm-eval appends the EOS text to a task's own stop list.
+MAX_STOP_STRINGS = 16
 LOGPROB_FLOOR = -9999.0  # what JSON gets instead of -inf (vLLM's choice; the engine clamps there too)
 
 
@@ -317,6 +318,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llamaserve"
     max_model_len: int
+    quantization: str = Field("none", description="the weights' numeric path: none (the checkpoint's dtype) or int4")
+    batch_invariant: bool = Field(
+        False, description="a request's tokens and logprobs do not depend on what else shares its batch (--batch-invariant)"
+    )
 
 
 class ModelList(BaseModel):

@@ -143,8 +143,10 @@ def load_checkpoint(settings: Settings) -> LoadedModel:
         max_batch_size=settings.max_batch_size,
         max_seq_len=settings.max_seq_len,
         quantization=settings.quantization,
+        batch_invariant=settings.batch_invariant,
     )
-    log.info("loaded %s in %.1f s (quantization %s)", loaded.name, time.monotonic() - start, loaded.quantization)
+    log.info("loaded %s in %.1f s (quantization %s, batch invariant %s)", loaded.name, time.monotonic() - start,
+             loaded.quantization, loaded.model.batch_invariant)
     return loaded
 
 
@@ -210,6 +212,17 @@ class ServerState:
         self.add_bos = bool(explicit_bos) if explicit_bos is not None else self.chat_format in ("llama3", "llama2")
         self.add_bos = self.add_bos and tokenizer.bos_id is not None
         self.max_model_len = loaded.model.max_seq_len
+
+    def model_card(self) -> ModelCard:
+        """/v1/models' entry, with the numeric mode evaluation users need to know they are in."""
+        loaded = self.require_loaded()
+        return ModelCard(
+            id=self.model_name,
+            created=self.created,
+            max_model_len=self.max_model_len,
+            quantization=loaded.quantization,
+            batch_invariant=bool(getattr(loaded.model, "batch_invariant", False)),
+        )
 
     async def _warmup(self) -> None:
         """One tiny generation so the first real request does not pay for lazy initialisation."""
@@ -697,14 +710,13 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     @app.api_route("/v1/models", methods=["GET", "HEAD"])  # HEAD answers wherever GET does (RFC 9110)
     async def models() -> dict[str, Any]:
         state.require_engine()
-        card = ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
-        return ModelList(data=[card]).model_dump()
+        return ModelList(data=[state.model_card()]).model_dump()
 
     @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str) -> dict[str, Any]:
         state.require_engine()
         state.check_model(model_id)
-        return ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len).model_dump()
+        return state.model_card().model_dump()
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:

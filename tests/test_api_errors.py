@@ -43,7 +43,7 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str | None]] = [
     ({**OK, "top_p": 0}, "top_p"),
     ({**OK, "n": 0}, "n"),
     ({**OK, "logprobs": 6}, "logprobs"),
-    ({**OK, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({**OK, "stop": [f"s{i}" for i in range(17)]}, "stop"),  # more than MAX_STOP_STRINGS (16)
     ({**OK, "stop": [""]}, "stop"),
     ({**OK, "stop": 5}, "stop"),
     ({**OK, "presence_penalty": 3}, "presence_penalty"),

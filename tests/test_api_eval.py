@@ -229,6 +229,15 @@ def test_lm_eval_remote_tokenizer_round_trip(lm_eval_server: str) -> None:
     assert [tok.decode(ids) for ids in [[104, 105], [IM_END]]] == ["hi", "<|im_end|>"]  # batch_decode
 
 
+async def test_lm_eval_stop_lists_with_the_eos_text_appended_are_accepted() -> None:
+    """lm-eval adds the EOS text to a task's own stop list (often 4 already): OpenAI's limit of 4
+    would answer 400 to those tasks."""
+    stops = ["\n\n", "Question:", "</s>", "<|im_end|>", "<|endoftext|>"]
+    async with serve_app() as client:
+        r = await client.post("/v1/completions", json={**COMPLETION, "stop": stops})
+        assert r.status_code == 200, r.text
+
+
 # --------------------------------------------------------------------------------------------------
 # x-request-id
 # --------------------------------------------------------------------------------------------------

@@ -229,7 +229,9 @@ def run_generate(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_generate_cli_chat_on_the_default_model_answers_paris(smollm2_path: Path) -> None:
-    result = run_generate("--model", str(smollm2_path), "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "12")
+    # float32: the answer's first token is a near-tie that int4 arithmetic flips on some CPUs
+    result = run_generate("--model", str(smollm2_path), "--quantization", "none", "--chat",
+                          "--prompt", "What is the capital of France?", "--max-tokens", "12")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "prompt tokens" in result.stderr and "Traceback" not in result.stderr

@@ -197,13 +197,14 @@ def test_smollm2_int4_matches_the_gguf_and_stays_close_to_transformers(smollm2_p
     assert agree >= 0.9, f"only {agree:.0%} of greedy steps agree with transformers"
     kl = F.kl_div(step_logits.log_softmax(-1), reference_steps.log_softmax(-1), log_target=True, reduction="batchmean")
     assert kl < 0.02, f"mean KL to transformers {kl:.4f}"
-    assert tokens[:8] == [504, 3575, 282, 4649, 314, 7042, 30, 2]  # the golden continuation (llama.cpp agrees)
+    # No exact-token golden here: the first token is a near-tie ("The" -1.883 vs "L" -1.965 in
+    # float32) that int4 arithmetic flips on some CPUs (Zen 4); goldens belong to the float32 path.
 
 
 @needs_int4_kernel
 def test_engine_on_int4_weights_both_sides_of_max_rows(smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server's default path: the golden answer from a request decoded alone (int4 kernel) and
-    from eight decoded together (dense weights above max_rows), prefill padded across rows."""
+    """The server's default path: a request decoded alone and among seven others (above max_rows,
+    where the int4 layers once switched to dense weights) gives the same tokens (batch invariance)."""
     from app.engine import Engine, GenerationRequest
     from model.checkpoint import load_model
     from tests.engine_helpers import collect, ids_of, run
@@ -228,7 +229,6 @@ def test_engine_on_int4_weights_both_sides_of_max_rows(smollm2_path: Path, monke
         alone, crowd = run(main())
     finally:
         engine.shutdown()
-    golden = [504, 3575, 282, 4649, 314, 7042, 30, 2]
-    assert alone == golden
-    assert crowd[0] == golden  # the full prompt, decoded in a batch of 8 through the dense weights
+    assert len(alone) >= 2
+    assert crowd[0] == alone  # the full prompt, decoded in a batch of 8
     assert all(len(ids) > 0 for ids in crowd)  # the cut prompts answer something, no errors
