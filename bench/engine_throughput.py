@@ -6,7 +6,9 @@ HTTP), then the same N prompts as one batch through transformers' `generate` (fl
 Reported per side:
 - output tok/s: N * output tokens / wall time (prefill included),
 - decode tok/s: N * (output tokens - 1) / (last token time - first token time).
-Ratios are ours / transformers. Do not run this on a busy machine: it warns when the load average
+Ratios are ours / transformers. `--batch-invariant both` also measures the batch-dependent fast
+paths (`--no-batch-invariant`) in the same run and prints what invariance costs (invariant / fast).
+Do not run this on a busy machine: it warns when the load average
 is high, since spin-waiting OpenMP threads then lose most of their speed.
 
 Threads: every live thread that ran a parallel torch op keeps an OpenMP pool, and with more pool
@@ -15,6 +17,7 @@ side runs alone: torch work happens in short-lived threads, and a fresh Engine (
 on shutdown) is made for each measurement. Both sides get the server's GOMP_SPINCOUNT default.
 
     python -m bench.engine_throughput --threads 2 --batches 1 8 32 --prompt-tokens 64 --output-tokens 64
+    python -m bench.engine_throughput --skip-hf --batch-invariant both --batches 1 8 32
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--skip-hf", action="store_true", help="measure the engine only")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help="as the server's flag")
+    parser.add_argument("--batch-invariant", choices=["on", "off", "both"], default="on",
+                        help="as the server's flag; both: measure each and print the cost of invariance")
     args = parser.parse_args(argv)
     if args.output_tokens < 2 or min(args.batches) < 1:
         parser.error("need --output-tokens >= 2 and batches >= 1")
@@ -140,21 +145,41 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_model, hf_tokenizer = in_thread(hf_load, args.model)  # its tokenizer also makes the shared prompts
     max_batch = max(args.batches)
-    loaded = in_thread(lambda: load_model(args.model, max_batch_size=max_batch,
-                                          max_seq_len=args.prompt_tokens + args.output_tokens + 8,
-                                          quantization=args.quantization))
-    report: dict[str, Any] = {"threads": args.threads, "quantization": loaded.quantization, "prompt_tokens": args.prompt_tokens,
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.batch_invariant]
+    models = {
+        invariant: in_thread(lambda: load_model(args.model, max_batch_size=max_batch,
+                                                max_seq_len=args.prompt_tokens + args.output_tokens + 8,
+                                                quantization=args.quantization, batch_invariant=invariant))
+        for invariant in modes
+    }
+    first = next(iter(models.values()))
+    report: dict[str, Any] = {"threads": args.threads, "quantization": first.quantization, "prompt_tokens": args.prompt_tokens,
                               "output_tokens": args.output_tokens, "load_avg": os.getloadavg()[0], "batches": {}}
     warm = prompt_batch(hf_tokenizer, 1, args.prompt_tokens, seed=999)
-    measure_engine(loaded, max_batch, args.prefill_chunk, warm.tolist(), 4)
+    for loaded in models.values():
+        measure_engine(loaded, max_batch, args.prefill_chunk, warm.tolist(), 4)
     if not args.skip_hf:
         in_thread(hf_run, hf_model, warm, 4)
-    print(f"{'N':>4} {'ours out tok/s':>15} {'ours decode':>12} {'hf out tok/s':>13} {'hf decode':>10} {'ratio out':>10} {'ratio dec':>10}")
+    names = {True: "invariant", False: "fast"}
+    header = f"{'N':>4}" + "".join(f" {names[m] + ' out tok/s':>19} {names[m] + ' decode':>16}" for m in models)
+    if len(models) == 2:
+        header += f" {'inv/fast out':>13} {'inv/fast dec':>13}"
+    if not args.skip_hf:
+        header += f" {'hf out tok/s':>13} {'hf decode':>10} {'ratio out':>10} {'ratio dec':>10}"
+    print(header)
     for n in args.batches:
         ids = prompt_batch(hf_tokenizer, n, args.prompt_tokens, seed=n)
-        ours = measure_engine(loaded, max_batch, args.prefill_chunk, ids.tolist(), args.output_tokens)
-        entry: dict[str, Any] = {"ours": ours}
-        line = f"{n:>4} {ours['output_tok_s']:>15.1f} {ours['decode_tok_s']:>12.1f}"
+        entry: dict[str, Any] = {}
+        line = f"{n:>4}"
+        for invariant, loaded in models.items():  # one after another, never concurrently
+            entry[names[invariant]] = measure_engine(loaded, max_batch, args.prefill_chunk, ids.tolist(), args.output_tokens)
+            line += f" {entry[names[invariant]]['output_tok_s']:>19.1f} {entry[names[invariant]]['decode_tok_s']:>16.1f}"
+        ours = entry[names[modes[0]]]
+        entry["ours"] = ours
+        if len(models) == 2:
+            entry["invariant_over_fast_output"] = entry["invariant"]["output_tok_s"] / entry["fast"]["output_tok_s"]
+            entry["invariant_over_fast_decode"] = entry["invariant"]["decode_tok_s"] / entry["fast"]["decode_tok_s"]
+            line += f" {entry['invariant_over_fast_output']:>13.2f} {entry['invariant_over_fast_decode']:>13.2f}"
         if not args.skip_hf:
             theirs = in_thread(hf_run, hf_model, ids, args.output_tokens)
             entry["transformers"] = theirs
