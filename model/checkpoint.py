@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from model import fetch, gguf_weights, quant
 from model.args import ModelArgs, UnsupportedArchitectureError, gguf_value
+from model.errors import CheckpointError  # re-exported: callers import it from here
 from model.invariance import make_batch_invariant
 from model.llama import Transformer
 from model.tokenizer import Tokenizer, tokenizer_from_dir, tokenizer_from_gguf
@@ -30,10 +31,6 @@ SUPPORTED_FORMATS = (
     "a directory with params.json + consolidated.*.pth (Meta)",
     "a directory with config.json + *.safetensors (HF llama, qwen2)",
 )
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be loaded; the message names the file or tensor and what is expected."""
 
 
 @dataclass

@@ -3,8 +3,6 @@
 The result is cached as an fp32 safetensors file in the llamaserve cache dir (keyed by the GGUF's
 path, size and mtime), streamed to disk one tensor at a time, so a second start memory-maps the
 weights instead of parsing and dequantising again, and the first start never holds two copies.
-
-`CheckpointError` is imported inside the functions that raise it: model.checkpoint imports this module.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 
 from model.args import ModelArgs, RopeScaling
+from model.errors import CheckpointError
 from model.llama import rope_frequencies
 
 if TYPE_CHECKING:  # gguf itself is imported only when a GGUF is parsed (a warm start never does)
@@ -81,8 +80,6 @@ def open_reader(path: Path) -> GGUFReader:
     """gguf.GGUFReader with a clear error for a file that is not a complete GGUF."""
     from gguf import GGUFReader
 
-    from model.checkpoint import CheckpointError
-
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/struct.error on bad input
@@ -99,8 +96,6 @@ def dequantize(tensor: ReaderTensor) -> torch.Tensor:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
-    from model.checkpoint import CheckpointError
-
     qtype = GGMLQuantizationType(tensor.tensor_type)
     try:
         array = gguf_dequantize(tensor.data, qtype)
@@ -114,8 +109,6 @@ def dequantize(tensor: ReaderTensor) -> torch.Tensor:
 
 def iter_state_dict(reader: GGUFReader, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, fp32 tensor) for every parameter tensor in the file, Q/K already in rotate_half layout."""
-    from model.checkpoint import CheckpointError
-
     permute = args.architecture in PERMUTED_ARCHITECTURES
     for tensor in reader.tensors:
         if tensor.name == ROPE_FREQS:
@@ -138,8 +131,6 @@ def planned_shapes(reader: GGUFReader) -> dict[str, tuple[int, ...]]:
 
 def check_rope_freqs(reader: GGUFReader, args: ModelArgs) -> None:
     """Llama 3.1 GGUFs carry the rope scaling as per-frequency factors: make sure ours match them."""
-    from model.checkpoint import CheckpointError
-
     tensor = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
     if tensor is None:
         return
