@@ -9,8 +9,8 @@ A step. (1) Cancelled requests give back their slots. (2) Waiting requests take 
 first (so a full house of B requests runs as slots 0..B-1 and the cache is read as a view). (3)
 Chunked prefill: at most `prefill_chunk` prompt tokens per step in all, in admission order, one
 prompt per forward, each prompt cut into chunks at multiples of `prefill_chunk` from its start (so
-its numbers never depend on the other prompts: see model/invariance.py). A long prompt therefore delays the running streams by at most one chunk per step instead of by its whole
-length. Measured on SmolLM2-135M, 2 CPU cores, int4 weights (docs/performance.md): a 512-token chunk
+its numbers never depend on the other prompts: see model/invariance.py). A long prompt therefore
+delays the running streams by at most one chunk per step instead of by its whole length. Measured on SmolLM2-135M, 2 CPU cores, int4 weights (docs/performance.md): a 512-token chunk
 (the default) takes ~310 ms, about 3 batch-32 decode steps; against 256 it raised 32-client
 throughput from 278 to ~292 tok/s and cut TTFT p50 from 1.45 to ~1.05 s, while 1024 was no faster.
 In float32 (`--quantization none`) a 512-token chunk takes ~510 ms, about 4.5 batch-32 steps.

@@ -146,6 +146,7 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         self.cache_len = 0  # positions per slot in the cache: max_seq_len, rounded up to KV_BLOCK when batch invariant
         self.batch_invariant = False
+        self.head_tile = 0  # rows per head GEMM in decode when batch invariant (invariance.row_tile)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, *, batch_invariant: bool = False) -> None:
         """Allocate the slot cache and RoPE tables once, on the weights' device and dtype.
