@@ -49,6 +49,23 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def unsupported_media_type(content_type: str) -> APIError:
+    return APIError(415, f"Content-Type must be application/json, got {excerpt(content_type)}.", code="unsupported_media_type")
+
+
+def excerpt(value: object, limit: int = 40) -> str:
+    """A client's value quoted in an error message, cut so that a huge one cannot flood responses or logs."""
+    text = value if isinstance(value, str) else repr(value) if not isinstance(value, int) else _int_text(value)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def _int_text(value: int) -> str:
+    try:
+        return str(value)
+    except ValueError:  # past Python's int -> str digit limit
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 

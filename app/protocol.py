@@ -8,14 +8,17 @@ the engine. Unknown request fields are ignored, as vLLM does, so vendor-specific
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
+from app.errors import excerpt
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # a logit_bias key: ASCII digits only, well inside int range
 # OpenAI allows 4; vLLM has no limit, and lm-eval appends the EOS text to a task's own stop list.
 MAX_STOP_STRINGS = 16
 LOGPROB_FLOOR = -9999.0  # what JSON gets instead of -inf (vLLM's choice; the engine clamps there too)
@@ -84,8 +87,8 @@ class SamplingFields(_Request):
     @classmethod
     def _check_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.strip().lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not TOKEN_ID_KEY.fullmatch(key):  # str.isdigit() accepts "²" and "٣", int() accepts " 5 "
+                raise ValueError(f"logit_bias keys must be token ids written as plain decimal digits, got {excerpt(key)}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
         return value

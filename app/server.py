@@ -34,11 +34,13 @@ from app.engine import Engine, GenerationOutput, GenerationRequest, RequestHandl
 from app.errors import (
     APIError,
     bad_request,
+    excerpt,
     from_engine_error,
     install_error_handlers,
     internal_error,
     model_not_found,
     unavailable,
+    unsupported_media_type,
 )
 from app.metrics import Metrics
 from app.protocol import (
@@ -506,13 +508,26 @@ def sampling_params(body: SamplingFields, *, logprobs: int | None, choice: int, 
     )
 
 
+def is_json_media_type(content_type: str | None) -> bool:
+    """application/json or any +json type; a missing header counts as JSON (as FastAPI does)."""
+    if not content_type:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def read_body(request: Request, model: type[BodyT]) -> BodyT:
-    """Parse a JSON body whatever its Content-Type (curl -d sends form-urlencoded); errors become 400s."""
+    """Parse a JSON body; errors become 400s. Other Content-Types get 415: a web page may POST
+    text/plain or a form cross-site without a CORS preflight (CVE-2021-32677), and would burn compute."""
+    if not is_json_media_type(request.headers.get("content-type")):
+        raise unsupported_media_type(request.headers["content-type"])
     raw = await request.body()
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"We could not parse the JSON body of your request: {e}.") from None
+    except ValueError:  # an integer past Python's 4,300-digit limit (not a JSONDecodeError)
+        raise bad_request("A number in the JSON body of your request has too many digits.") from None
     except RecursionError:
         raise bad_request("The JSON body of your request is nested too deeply.") from None
     try:  # JSON may escape a lone surrogate ("\\ud800"): no tokenizer can encode that text
@@ -530,7 +545,7 @@ async def read_body(request: Request, model: type[BodyT]) -> BodyT:
 def check_ids(ids: list[int], vocab_size: int, param: str) -> None:
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
-        raise bad_request(f"{param} contains token id {bad[0]}, outside the vocabulary [0, {vocab_size})", param=param)
+        raise bad_request(f"{param} contains token id {excerpt(bad[0])}, outside the vocabulary [0, {vocab_size})", param=param)
 
 
 def check_sampling_ids(body: SamplingFields, vocab_size: int) -> None:
