@@ -94,12 +94,26 @@ def test_int4_linear_dense_weights_in_another_dtype() -> None:
 
 
 def test_default_layout_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(quant.DENSE_BF16_ENV, raising=False)  # CI's AVX2 run sets it
     monkeypatch.setattr(quant, "native_bf16_matmul", lambda: True)
     assert quant.default_layout() == (quant.MAX_ROWS_VS_BFLOAT16, torch.bfloat16)
     monkeypatch.setattr(quant, "native_bf16_matmul", lambda: False)
     for capability, rows in [("AVX512", 32), ("AVX2", 12), ("DEFAULT", 0)]:
         monkeypatch.setattr(quant, "cpu_capability", lambda capability=capability: capability)
         assert quant.default_layout() == (rows, None)
+
+
+def test_dense_bf16_env_overrides_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant, "native_bf16_matmul", lambda: True)
+    monkeypatch.setattr(quant, "cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv(quant.DENSE_BF16_ENV, "off")
+    assert quant.default_layout() == (12, None)
+    monkeypatch.setattr(quant, "native_bf16_matmul", lambda: False)
+    monkeypatch.setenv(quant.DENSE_BF16_ENV, " ON ")
+    assert quant.default_layout() == (quant.MAX_ROWS_VS_BFLOAT16, torch.bfloat16)
+    monkeypatch.setenv(quant.DENSE_BF16_ENV, "maybe")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        quant.default_layout()
 
 
 @needs_int4_kernel
