@@ -14,6 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.engine.request import ContextLengthExceeded, EngineDraining, EngineOverloaded, InvalidRequest
+from app.quoting import excerpt
+
 log = logging.getLogger(__name__)
 
 
@@ -53,19 +56,6 @@ def unsupported_media_type(content_type: str) -> APIError:
     return APIError(415, f"Content-Type must be application/json, got {excerpt(content_type)}.", code="unsupported_media_type")
 
 
-def excerpt(value: object, limit: int = 40) -> str:
-    """A client's value quoted in an error message, cut so that a huge one cannot flood responses or logs."""
-    text = value if isinstance(value, str) else repr(value) if not isinstance(value, int) else _int_text(value)
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
-
-
-def _int_text(value: int) -> str:
-    try:
-        return str(value)
-    except ValueError:  # past Python's int -> str digit limit
-        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
-
-
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
@@ -81,21 +71,14 @@ def internal_error() -> APIError:
 
 def from_engine_error(exc: Exception, *, prompt_param: str = "prompt") -> APIError | None:
     """The APIError for an engine exception (overload, context overflow, bad ids); None if not one of them."""
-    from app.engine import ContextLengthExceeded, EngineDraining, EngineOverloaded, InvalidRequest
-
     if isinstance(exc, EngineDraining):
         return unavailable("The server is shutting down.", code="server_draining", retry_after=5)
     if isinstance(exc, EngineOverloaded):
         return unavailable(str(exc) or "The server is at capacity; retry shortly.", code="server_overloaded")
     if isinstance(exc, ContextLengthExceeded):
-        total, what = exc.prompt_tokens + exc.max_tokens, "messages" if prompt_param == "messages" else "prompt"
-        return bad_request(  # OpenAI's wording, which clients match on
-            f"This model's maximum context length is {exc.max_context} tokens. However, you requested {total} "
-            f"tokens ({exc.prompt_tokens} in the {what}, {exc.max_tokens} in the completion). Please reduce the "
-            f"length of the {what} or the completion.",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
+        what = "messages" if prompt_param == "messages" else "prompt"
+        advice = f" Please reduce the length of the {what} or the completion."
+        return bad_request(exc.describe(what) + advice, param=prompt_param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequest):
         param = getattr(exc, "param", None)
         return bad_request(str(exc), param="messages" if param == "prompt" and prompt_param == "messages" else param)

@@ -225,3 +225,13 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         """The output projection: its own weight, or the token embeddings when tied."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    @property
+    def vocab_size(self) -> int:
+        """Read by the engine's model protocol (app/engine/model_runner.CausalLM)."""
+        return self.args.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (the engine builds its tensors there)."""
+        return self.tok_embeddings.weight.device

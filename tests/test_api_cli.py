@@ -51,7 +51,7 @@ def test_missing_checkpoint_exits_1_with_a_clear_message(tmp_path: Path) -> None
 
 def test_quantization_setting_reaches_the_loader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import model.checkpoint
-    from app.server import load_checkpoint
+    from app.lifecycle import load_checkpoint
 
     seen: dict[str, object] = {}
 

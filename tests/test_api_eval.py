@@ -346,7 +346,7 @@ async def test_request_id_in_log_lines(caplog: pytest.LogCaptureFixture) -> None
 
     for rid in ("cmpl-trace-me-1", "chatcmpl-trace-me-2"):
         start, end = about(rid)
-        assert re.match(rf"{rid}: started as engine request\(s\) req-\d+: \d+ prompt token\(s\), max_tokens 3$", start), start
+        assert re.match(rf"{rid}: started as engine request\(s\) {rid}: \d+ prompt token\(s\), max_tokens 3$", start), start
         finished = rf"{rid}: finished with status 200 in [\d.]+ s \(finish_reason (stop|length); \d completion token"
         assert re.match(finished, end), end
     rejected, end = about("cmpl-trace-me-3")

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-import app.server as server_module
+import app.lifecycle as server_module
 from app.server import create_app
 from tests.test_api_support import MAX_SEQ_LEN, MODEL, assert_error, serve_app, settings, tiny_loaded, uvicorn_thread
 
@@ -90,7 +90,7 @@ async def test_drain_finishes_running_requests_and_refuses_new_ones() -> None:
         assert r.status_code == 503 and r.json() == {"status": "draining"}
         assert_error(await client.post("/v1/completions", json=OK), 503, code="server_draining")
         done = await running
-        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 20
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 20, done.text
         await draining
 
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from app.engine import Engine
-from app.server import run_in_short_lived_thread
+from app.lifecycle import run_in_short_lived_thread
 from tests.conftest import tiny_model
 
 

@@ -1,0 +1,150 @@
+"""Who runs this step: slots for waiting requests, which prompt chunks prefill, which rows decode.
+
+The scheduler owns the waiting queue and the slot table and nothing else: it never touches tensors.
+Waiting requests take free slots lowest first, so a full house of B requests runs as slots 0..B-1 and
+the cache is read as a view. Prefill is chunked: at most `prefill_chunk` prompt tokens per step in
+all, first come first served, each prompt cut at multiples of `prefill_chunk` from its own start (so
+its numbers never depend on the other prompts: model/invariance.py). A long prompt therefore delays
+the running streams by at most one chunk per step instead of its whole length.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from app.engine.request import EngineOverloaded, Request, RequestStatus
+
+
+@dataclass
+class PrefillChunk:
+    request: Request
+    start: int  # first prompt position of the chunk
+    length: int
+
+    @property
+    def last(self) -> bool:
+        """This chunk completes the prompt (its last logits give the first token)."""
+        return self.start + self.length >= self.request.num_prompt
+
+
+@dataclass
+class StepPlan:
+    """One step's work. The model runner executes admitted/prefill/decode; the rest is bookkeeping."""
+
+    admitted: list[Request] = field(default_factory=list)  # new in a slot: their sampling state must be set
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)  # in slot order
+    cancelled: list[Request] = field(default_factory=list)  # their clients left; slots already freed
+    ended: list[Request] = field(default_factory=list)  # a drain ran out of time: end with what they have
+    no_compute: list[Request] = field(default_factory=list)  # max_tokens 0 without logprobs: done at once
+
+    @property
+    def runs_model(self) -> bool:
+        return bool(self.prefill or self.decode)
+
+
+class Scheduler:
+    def __init__(self, max_batch_size: int, prefill_chunk: int, max_queue: int, lock: threading.Condition) -> None:
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
+        self.max_queue = max_queue
+        # `lock` guards `waiting`, the one structure the event loop touches (add) besides this thread. A
+        # request stays in `waiting` until it is in `running`, and both move under the lock, so stats()
+        # and drain() never miss one while its slot is being set up.
+        self.lock = lock
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot -> request
+        self.free: list[int] = list(range(max_batch_size))  # a heap: lowest slot first
+
+    def add(self, request: Request) -> None:
+        """Queue a request (event loop, under `lock`); raises EngineOverloaded when the queue is full."""
+        if len(self.waiting) >= self.max_queue:
+            raise EngineOverloaded(f"too many requests waiting ({self.max_queue}); retry later")
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        """Call under `lock`."""
+        return bool(self.running) or bool(self.waiting)
+
+    def schedule(self, end_all: bool = False) -> StepPlan:
+        """Plan one step; `end_all` (a drain that timed out) ends every request instead."""
+        plan = StepPlan(cancelled=self._reap_cancelled())
+        if end_all:
+            plan.ended = self._take_all()
+            return plan
+        self._admit(plan)
+        plan.decode = [r for _, r in sorted(self.running.items()) if r.status is RequestStatus.DECODING]
+        plan.prefill = self._prefill_chunks()
+        return plan
+
+    def release(self, request: Request) -> None:
+        """Give a request's slot back (idempotent)."""
+        if self.running.get(request.slot) is request:
+            del self.running[request.slot]
+            heapq.heappush(self.free, request.slot)
+
+    def take_everything(self) -> list[Request]:
+        """Empty the engine (it is stopping or died): every request, running first, slots reset."""
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        running, self.running = list(self.running.values()), {}
+        self.free = list(range(self.max_batch_size))
+        return running + waiting
+
+    def _reap_cancelled(self) -> list[Request]:
+        cancelled = [r for r in self.running.values() if r.handle.cancelled]
+        for request in cancelled:
+            self.release(request)
+        with self.lock:
+            waiting = [r for r in self.waiting if r.handle.cancelled]
+            for request in waiting:
+                self.waiting.remove(request)
+        for request in cancelled + waiting:
+            request.status = RequestStatus.CANCELLED
+        return cancelled + waiting
+
+    def _take_all(self) -> list[Request]:
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        running = list(self.running.values())
+        for request in running:
+            self.release(request)
+        return running + waiting
+
+    def _admit(self, plan: StepPlan) -> None:
+        while True:
+            with self.lock:
+                if not self.waiting:
+                    return
+                request = self.waiting[0]
+                if not request.needs_model:  # no slot needed
+                    self.waiting.popleft()
+                    plan.no_compute.append(request)
+                    continue
+                if not self.free:
+                    return
+                request.slot = heapq.heappop(self.free)
+                request.status = RequestStatus.PREFILLING
+                request.timings.scheduled = time.monotonic()
+                self.running[request.slot] = request
+                self.waiting.popleft()
+            plan.admitted.append(request)
+
+    def _prefill_chunks(self) -> list[PrefillChunk]:
+        """Whole chunks up to prefill_chunk tokens in all (at least one). A chunk larger than what is
+        left of the budget waits for the next step; smaller ones behind it may go first."""
+        budget, chunks = self.prefill_chunk, []
+        prefilling = (r for r in self.running.values() if r.status is RequestStatus.PREFILLING)
+        for request in sorted(prefilling, key=lambda r: r.order):
+            n = min(request.num_prompt - request.num_cached, self.prefill_chunk)
+            if n > budget and budget < self.prefill_chunk:
+                continue
+            budget -= n
+            chunks.append(PrefillChunk(request, request.num_cached, n))
+            if budget <= 0:
+                break
+        return chunks

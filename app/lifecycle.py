@@ -1,0 +1,238 @@
+"""The server's life: load the model (in a thread, so /health answers meanwhile), start the engine, warm
+up, report ready; drain on shutdown. loading -> ready -> draining -> stopped (or failed).
+
+ServerState is what every route reads (`request.app.state.server`): the model, the engine, the phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from app.config import Settings
+from app.engine import Engine, EngineStats, GenerationRequest
+from app.errors import model_not_found, unavailable
+from app.metrics import Metrics
+from app.protocol.responses import ModelCard, now
+from model.chat import default_system_prompt, detect_chat_format
+import model.checkpoint as checkpoint
+from model.checkpoint import CheckpointError, LoadedModel
+from model.fetch import ensure_default_model
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
+
+log = logging.getLogger("llamaserve")
+T = TypeVar("T")
+
+STALL_S = 120.0  # an engine with work that has not finished a step for this long is reported unhealthy
+
+
+async def run_in_short_lived_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run fn in a thread that exits when done (unlike asyncio.to_thread's pooled workers).
+
+    Every live thread that ran a parallel torch op keeps its own OpenMP pool; with two pools on a small
+    machine libgomp throttles spin-waiting, which made the engine thread's decode ~1.7x slower.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(_settle, future, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=target, name="llamaserve-load", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def load_checkpoint(settings: Settings) -> LoadedModel:
+    """Load the configured checkpoint (the embedded default model, fetched if absent, when none is set)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    path = settings.model
+    if path is None:
+        path = str(ensure_default_model())
+    log.info("loading %s on %s (%s)", path, settings.resolved_device(), settings.resolved_dtype())
+    start = time.monotonic()
+    loaded = checkpoint.load_model(  # looked up at call time: tests stand in a fake
+        path,
+        device=settings.resolved_device(),
+        dtype=settings.resolved_dtype(),
+        max_batch_size=settings.max_batch_size,
+        max_seq_len=settings.max_seq_len,
+        quantization=settings.quantization,
+        batch_invariant=settings.batch_invariant,
+    )
+    log.info("loaded %s in %.1f s (quantization %s, batch invariant %s)", loaded.name, time.monotonic() - start,
+             loaded.quantization, loaded.model.batch_invariant)
+    return loaded
+
+
+class ServerState:
+    """The model, the engine and the phase of one app; what every route reads."""
+
+    def __init__(self, settings: Settings, loaded: LoadedModel | None) -> None:
+        self.settings = settings
+        self.loaded = loaded
+        self.engine: Engine | None = None
+        self.phase = "loading"
+        self.error: str | None = None
+        self.metrics = Metrics()
+        self.created = now()
+        self.ready = asyncio.Event()
+        self.on_failure: Callable[[], None] | None = None  # the CLI exits the process
+        self._drained: asyncio.Task[None] | None = None
+        self.model_name = ""
+        self.chat_format = "chatml"
+        self.default_system: str | None = None
+        self.add_bos = False
+        self.max_model_len = 0
+        self._stall_watch: tuple[float | None, float] | None = None  # (last step seen busy, since when)
+
+    async def start(self) -> None:
+        """Load (in a thread, so /health answers meanwhile), start the engine, warm up, then report ready."""
+        try:
+            if self.loaded is None:
+                self.loaded = await run_in_short_lived_thread(load_checkpoint, self.settings)
+            self._configure(self.loaded)
+            model = self.loaded.model
+            self.engine = Engine(
+                model,
+                self.loaded.tokenizer,
+                max_batch_size=model.max_batch_size,
+                max_seq_len=model.max_seq_len,
+                max_queue=self.settings.max_queue,
+                prefill_chunk=self.settings.prefill_chunk,
+            )
+            self.engine.start()
+            self.metrics.bind(self.engine.stats)
+            if self.settings.warmup:
+                await self._warmup()
+            self.phase = "ready"
+            self.ready.set()
+            log.info("ready: serving %s (chat format %s, %d slots x %d tokens)", self.model_name, self.chat_format,
+                     model.max_batch_size, model.max_seq_len)
+        except Exception as e:  # noqa: BLE001 - any load failure must surface in /health and the log
+            if isinstance(e, (CheckpointError, OSError)):
+                log.error("start-up failed: %s", e)  # the user's mistake: no traceback
+            else:
+                log.exception("start-up failed")
+            self.phase, self.error = "failed", f"{type(e).__name__}: {e}"
+            if self.on_failure is not None:
+                self.on_failure()
+
+    def _configure(self, loaded: LoadedModel) -> None:
+        tokenizer = loaded.tokenizer
+        self.model_name = self.settings.served_model_name or loaded.name
+        self.chat_format = self.settings.chat_format or detect_chat_format(loaded.chat_template, tokenizer)
+        self.default_system = default_system_prompt(loaded.chat_template) if self.chat_format == "chatml" else None
+        explicit_bos = getattr(tokenizer, "add_bos", None)
+        self.add_bos = bool(explicit_bos) if explicit_bos is not None else self.chat_format in ("llama3", "llama2")
+        self.add_bos = self.add_bos and tokenizer.bos_id is not None
+        self.max_model_len = loaded.model.max_seq_len
+
+    def model_card(self) -> ModelCard:
+        """/v1/models' entry, with the numeric mode evaluation users need to know they are in."""
+        loaded = self.require_loaded()
+        return ModelCard(
+            id=self.model_name,
+            created=self.created,
+            max_model_len=self.max_model_len,
+            quantization=loaded.quantization,
+            batch_invariant=bool(getattr(loaded.model, "batch_invariant", False)),
+        )
+
+    async def _warmup(self) -> None:
+        """One tiny generation so the first real request does not pay for lazy initialisation."""
+        assert self.engine is not None and self.loaded is not None
+        start = time.monotonic()
+        ids = self.loaded.tokenizer.encode("Hello") or [0]
+        handle = self.engine.submit(GenerationRequest(prompt_ids=ids, sampling=SamplingParams(temperature=0.0), max_tokens=2))
+        async for _ in handle:
+            pass
+        log.info("warm-up generation took %.2f s", time.monotonic() - start)
+
+    def require_engine(self) -> Engine:
+        """The engine when ready to take requests, else a 503 saying why."""
+        if self.phase == "ready" and self.engine is not None:
+            return self.engine
+        if self.phase == "loading":
+            raise unavailable("The model is still loading; retry shortly.", code="model_loading", retry_after=5)
+        if self.phase == "failed":
+            raise unavailable(f"The model failed to load: {self.error}", code="model_load_failed", retry_after=30)
+        raise unavailable("The server is shutting down.", code="server_draining", retry_after=5)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The loaded model's tokenizer, whatever the phase (a draining server still finishes responses)."""
+        assert self.loaded is not None, "no model loaded yet"
+        return self.loaded.tokenizer
+
+    def require_loaded(self) -> LoadedModel:
+        self.require_engine()
+        assert self.loaded is not None
+        return self.loaded
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise model_not_found(name)
+
+    async def drain(self) -> None:
+        """Stop admitting (503 draining), let running requests finish up to the drain timeout, cancel the rest."""
+        if self._drained is None:
+            self._drained = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._drained)
+
+    async def _drain(self) -> None:
+        if self.phase != "failed":
+            self.phase = "draining"
+        self.ready.clear()
+        if self.engine is not None:
+            log.info("draining: waiting up to %.0f s for running requests", self.settings.drain_timeout)
+            await self.engine.drain(self.settings.drain_timeout)
+            await asyncio.to_thread(self.engine.shutdown)
+            log.info("engine stopped")
+        if self.phase == "draining":
+            self.phase = "stopped"
+
+    def _stalled(self, stats: EngineStats) -> bool:
+        """True when the engine has had work but no finished step for STALL_S, as seen by health checks.
+
+        Timed from when a check first saw work with this last step, not from the last step itself: after
+        a long idle spell the first step of new work is not a stall.
+        """
+        if not (stats.running or stats.waiting):
+            self._stall_watch = None
+            return False
+        now_ = time.monotonic()
+        if self._stall_watch is None or self._stall_watch[0] != stats.last_step_time:
+            self._stall_watch = (stats.last_step_time, now_)
+        return now_ - self._stall_watch[1] > STALL_S
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        if self.phase == "ready" and self.engine is not None:
+            stats = self.engine.stats()
+            if not stats.healthy or self._stalled(stats):
+                return 503, {"status": "unhealthy"}
+            return 200, {"status": "ok"}
+        body: dict[str, Any] = {"status": "draining" if self.phase == "stopped" else self.phase}
+        if self.error:
+            body["error"] = self.error
+        return 503, body

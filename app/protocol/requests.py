@@ -1,0 +1,217 @@
+"""Request bodies of the OpenAI wire format (and vLLM's extras), validated where they are parsed.
+
+This is the validation boundary for shapes, types and OpenAI's ranges: a failure becomes a 400 in the
+error envelope (app/errors.py). What needs the vocabulary or the context length is the engine's check
+(app/engine/request.check_request). Unknown fields are ignored, as vLLM does, so vendor-specific
+clients keep working.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+from app.engine.request import MIN_TOKENS_ABOVE_MAX
+from app.quoting import excerpt
+
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # a logit_bias key: ASCII digits only, well inside int range
+# OpenAI allows 4; vLLM has no limit, and lm-eval appends the EOS text to a task's own stop list.
+MAX_STOP_STRINGS = 16
+
+
+def _integral(value: Any) -> Any:
+    """2.0 -> 2: JSON Schema counts an integral number as an integer (clients computing a float send it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]  # a count/seed field: integers and integral floats only
+
+
+class FieldError(ValueError):
+    """A check across fields that still blames one parameter (the error envelope's `param`)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class _Request(BaseModel):
+    """Strict JSON types, as OpenAI checks them: "10" is not an integer, 1 is not a boolean (an int is a float)."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = False
+
+
+class SamplingFields(_Request):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then the self-hosted extras)."""
+
+    model: StrictStr
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: Int | None = Field(1, ge=1, le=128)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: Int | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # self-hosted extras (vLLM names)
+    top_k: Int | None = Field(None, ge=-1, le=2**31 - 1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: bool | None = False
+    min_tokens: Int | None = Field(0, ge=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not TOKEN_ID_KEY.fullmatch(key):  # str.isdigit() accepts "²" and "٣", int() accepts " 5 "
+                raise ValueError(f"logit_bias keys must be token ids written as plain decimal digits, got {excerpt(key)}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options is only allowed when stream is true", "stream_options")
+        return self
+
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+PromptType = Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptType
+    max_tokens: Int | None = Field(16, ge=0)
+    logprobs: Int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    best_of: Int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _check_prompt(cls, value: Any, handler: Any) -> Any:
+        """One clear message instead of pydantic's per-union-member errors."""
+        try:
+            return handler(value)
+        except ValueError:
+            raise ValueError(
+                "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+            ) from None
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of not in (1, self.n or 1):
+            raise FieldError("best_of is only supported when it equals n (or 1)", "best_of")
+        if self.suffix:
+            raise FieldError("suffix is not supported", "suffix")
+        if (self.min_tokens or 0) > self.max_tokens_or_default():
+            raise FieldError(MIN_TOKENS_ABOVE_MAX, "min_tokens")
+        return self
+
+    def max_tokens_or_default(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of strings or token-id lists (one entry per prompt)."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+
+class ChatMessage(_Request):
+    role: StrictStr
+    content: StrictStr | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        """Content as one string; text parts are concatenated, anything else is an error."""
+        if self.content is None:
+            if self.role == "assistant":
+                return ""
+            raise ValueError(f"messages[{index}].content is required")
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for j, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"messages[{index}].content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) are supported"
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ResponseFormat(_Request):
+    type: str = "text"
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Int | None = Field(None, ge=1)  # OpenAI and vLLM: at least 1 (0 is a legacy-completions thing)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise FieldError(f"response_format {self.response_format.type!r} is not supported (only 'text')", "response_format")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise FieldError("tool_choice 'required' or a named tool is not supported (this server makes no tool calls)",
+                             "tool_choice")
+        if self.tools and self.tool_choice != "none":  # with "none" the tools are only context; we ignore them
+            raise FieldError("tools are not supported by this server (send tool_choice 'none' to ignore them)", "tools")
+        limit = self.requested_max_tokens()
+        if limit is not None and (self.min_tokens or 0) > limit:
+            raise FieldError(MIN_TOKENS_ABOVE_MAX, "min_tokens")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        """max_completion_tokens (new name) wins over max_tokens; None = up to the context limit."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(_Request):
+    model: StrictStr | None = None
+    prompt: StrictStr
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
