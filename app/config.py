@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     chat_format: Literal["chatml", "llama3", "llama2"] | None = Field(None, description="override the detected chat format")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port")
-    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` (not on /health, /metrics)")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` (not on /health, /metrics, /docs, /openapi.json)")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated allowed CORS origins")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted (else 413)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds to let running requests finish on shutdown")

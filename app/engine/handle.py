@@ -52,7 +52,7 @@ class RequestHandle:
             raise item
         if item.finish_reason is not None:
             self.done = True
-        return item  # type: ignore[no-any-return]
+        return item
 
     def __aiter__(self) -> AsyncIterator[GenerationOutput]:
         return self._iterate()

@@ -40,7 +40,8 @@ def token_text(tokenizer: Tokenizer, token_id: int | None) -> str | None:
 def spelled_out(tokenizer: Tokenizer, ids: list[int]) -> str:
     """Text of a token-id prompt for echo: control tokens by name (as a text prompt writes them), the rest decoded."""
     names = {i: text for text, i in tokenizer.special_tokens.items()}
-    parts, run = [], []
+    parts: list[str] = []
+    run: list[int] = []
     for token_id in ids:
         if token_id in names:
             parts += [tokenizer.decode(run), names[token_id]]

@@ -86,7 +86,7 @@ def chat_response(
     for c in choices:
         logprobs = ChatLogprobs(content=chat_logprobs(tokenizer, c.logprobs, body.top_logprobs or 0)) if body.logprobs else None
         message = AssistantMessage(content="".join(c.text))
-        out.append(ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=c.finish_reason or "stop"))  # type: ignore[arg-type]
+        out.append(ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=c.finish_reason or "stop"))
     response = ChatCompletionResponse(id=rid, created=created, model=state.model_name, choices=out, usage=usage_of(choices))
     return response.model_dump()
 
@@ -122,6 +122,6 @@ class ChatStream:
     def _event(self, index: int, delta: ChatDelta, logprobs: ChatLogprobs | None = None, finish: str | None = None) -> str:
         chunk = ChatCompletionChunk(
             id=self.rid, created=self.created, model=self.state.model_name,
-            choices=[ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)],  # type: ignore[arg-type]
+            choices=[ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)],
         )
         return sse(chunk.model_dump(exclude=None if self.include_usage else {"usage"}))

@@ -93,7 +93,7 @@ def completion_response(
             text=c.echo_text + "".join(c.text),
             index=c.index,
             logprobs=choice_logprobs(c, tokenizer) if body.logprobs is not None else None,
-            finish_reason=c.finish_reason or "stop",  # type: ignore[arg-type]
+            finish_reason=c.finish_reason or "stop",
         )
         for c in choices
     ]
@@ -124,7 +124,7 @@ class CompletionStream:
             logprobs = merge_logprobs(*parts, builder.generated(out.logprobs or [], out.text_offsets))
         if not (text or out.finish_reason or (logprobs is not None and logprobs.tokens)):
             return []
-        choice = CompletionChoice(text=text, index=c.index, logprobs=logprobs, finish_reason=out.finish_reason)  # type: ignore[arg-type]
+        choice = CompletionChoice(text=text, index=c.index, logprobs=logprobs, finish_reason=out.finish_reason)
         return [sse(self._chunk([choice]))]
 
     def end(self) -> list[str]:

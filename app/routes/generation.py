@@ -24,7 +24,7 @@ GenerationBodyT = TypeVar("GenerationBodyT", bound=SamplingFields)
 
 
 def server_state(request: Request) -> ServerState:
-    return request.app.state.server  # type: ignore[no-any-return]
+    return request.app.state.server
 
 
 async def read_generation_request(
