@@ -10,23 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import typing
 from types import FrameType
 from typing import Any, Sequence
 
-# OpenMP threads wait for work by spinning. A short spin (about 20-50 us) keeps them awake between the
-# ops of one forward pass (1.6x faster decode than OMP_WAIT_POLICY=PASSIVE on 2 cores) yet lets them
-# sleep between steps, so they do not starve the HTTP thread or other programs (docs/performance.md).
-# Either variable set by the user wins.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "20000"
+import uvicorn
+from pydantic import ValidationError
 
-import uvicorn  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-
-from app.config import Settings  # noqa: E402
+from app.config import Settings
+from model.threads import configure_threads
 
 log = logging.getLogger("llamaserve")
 
@@ -76,16 +69,15 @@ def settings_from_args(argv: Sequence[str]) -> Settings:
 
 
 def serve(settings: Settings) -> int:
-    """Run uvicorn in this process until a signal; 1 if the model failed to load."""
+    """Run uvicorn in this process until a signal; 1 if the model failed to load.
+
+    Imports the app (and so torch) only now: main() sets the OpenMP policy first (model/threads.py).
+    """
     from app.server import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on")
     server = DrainingServer(config, app.state.server)
@@ -129,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as e:
         print(f"llamaserve: invalid settings:\n{e}", file=sys.stderr)
         return 2
+    configure_threads(settings.threads)
     return serve(settings)
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.fetch import default_cache_dir
+
+if TYPE_CHECKING:  # torch itself is imported on use: the CLI sets the OpenMP policy first (model/threads.py)
+    import torch
 
 
 class Settings(BaseSettings):
@@ -15,6 +20,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLAMASERVE_", protected_namespaces=(), extra="ignore")
 
     model: str | None = Field(None, description="checkpoint path (.gguf file, HF or Meta dir); default: the embedded SmolLM2")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="where the default model is fetched to and GGUF weights are cached as fp32 safetensors",
+    )
     served_model_name: str | None = Field(None, description="model id clients send and see (default: from the checkpoint)")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
@@ -49,17 +58,26 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any) -> Any:
+        return default_cache_dir() if value in (None, "") else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
     def resolved_device(self) -> str:
+        import torch
+
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
     def resolved_dtype(self) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)

@@ -12,7 +12,6 @@ import threading
 import time
 from typing import Any, Callable, TypeVar
 
-import torch
 
 from app.config import Settings
 from app.engine import Engine, EngineStats, GenerationRequest
@@ -23,6 +22,7 @@ from model.chat import default_system_prompt, detect_chat_format
 import model.checkpoint as checkpoint
 from model.checkpoint import CheckpointError, LoadedModel
 from model.fetch import ensure_default_model
+from model.threads import configure_threads
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 
@@ -64,11 +64,8 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 def load_checkpoint(settings: Settings) -> LoadedModel:
     """Load the configured checkpoint (the embedded default model, fetched if absent, when none is set)."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    path = settings.model
-    if path is None:
-        path = str(ensure_default_model())
+    configure_threads(settings.threads)  # the CLI did it before torch loaded; here for apps built in-process
+    path = settings.model or str(ensure_default_model(settings.cache_dir))
     log.info("loading %s on %s (%s)", path, settings.resolved_device(), settings.resolved_dtype())
     start = time.monotonic()
     loaded = checkpoint.load_model(  # looked up at call time: tests stand in a fake
@@ -79,6 +76,7 @@ def load_checkpoint(settings: Settings) -> LoadedModel:
         max_seq_len=settings.max_seq_len,
         quantization=settings.quantization,
         batch_invariant=settings.batch_invariant,
+        cache_dir=settings.cache_dir,
     )
     log.info("loaded %s in %.1f s (quantization %s, batch invariant %s)", loaded.name, time.monotonic() - start,
              loaded.quantization, loaded.model.batch_invariant)

@@ -14,7 +14,7 @@ is high, since spin-waiting OpenMP threads then lose most of their speed.
 Threads: every live thread that ran a parallel torch op keeps an OpenMP pool, and with more pool
 threads than cores libgomp stops spin-waiting (decode ~1.7x slower, docs/performance.md). So each
 side runs alone: torch work happens in short-lived threads, and a fresh Engine (whose thread exits
-on shutdown) is made for each measurement. Both sides get the server's GOMP_SPINCOUNT default.
+on shutdown) is made for each measurement. Both sides get the server's thread policy (model/threads.py).
 
     python -m bench.engine_throughput --threads 2 --batches 1 8 32 --prompt-tokens 64 --output-tokens 64
     python -m bench.engine_throughput --skip-hf --batch-invariant both --batches 1 8 32
@@ -22,25 +22,22 @@ on shutdown) is made for each measurement. Both sides get the server's GOMP_SPIN
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "20000"  # what app/cli.py sets for the server; before torch starts
+from model.threads import configure_threads
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+if TYPE_CHECKING:  # torch and what imports it load inside the functions, after main() set the thread policy
+    import torch
 
-import torch  # noqa: E402
-
-from app.engine import Engine, GenerationRequest  # noqa: E402
-from model.quant import QUANTIZATIONS  # noqa: E402
-from model.sampling import SamplingParams  # noqa: E402
+    from app.engine import Engine
 
 DEFAULT_MODEL = Path.home() / ".cache" / "llamaserve" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -53,6 +50,9 @@ def warn_if_busy(threads: int) -> None:
 
 
 async def engine_run(engine: Engine, prompts: list[list[int]], output_tokens: int) -> dict[str, float]:
+    from app.engine import GenerationRequest
+    from model.sampling import SamplingParams
+
     greedy = SamplingParams(temperature=0)
     start = time.monotonic()
     handles = [engine.submit(GenerationRequest(p, greedy, max_tokens=output_tokens, ignore_eos=True)) for p in prompts]
@@ -94,6 +94,8 @@ def in_thread(fn: Any, *args: Any) -> Any:
 
 def measure_engine(loaded: Any, max_batch: int, prefill_chunk: int, prompts: list[list[int]], output_tokens: int) -> dict[str, float]:
     """A fresh engine for one measurement: its thread (and OpenMP pool) is gone when this returns."""
+    from app.engine import Engine
+
     engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch, max_seq_len=loaded.model.max_seq_len,
                     prefill_chunk=prefill_chunk)
     engine.start()
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--skip-hf", action="store_true", help="measure the engine only")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help="as the server's flag")
+    parser.add_argument("--quantization", default="auto", help="as the server's flag: auto, none or int4")
     parser.add_argument("--batch-invariant", choices=["on", "off", "both"], default="on",
                         help="as the server's flag; both: measure each and print the cost of invariance")
     args = parser.parse_args(argv)
@@ -136,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --output-tokens >= 2 and batches >= 1")
     if not args.model.exists():
         parser.error(f"no model at {args.model} (run `python -m model.fetch`)")
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     warn_if_busy(args.threads)
 
     from bench.hf_generate import load as hf_load
     from bench.hf_generate import prompt_batch
     from model.checkpoint import load_model
+    from model.quant import QUANTIZATIONS
+
+    if args.quantization not in QUANTIZATIONS:  # before minutes of loading
+        parser.error(f"--quantization must be one of {', '.join(QUANTIZATIONS)}")
 
     hf_model, hf_tokenizer = in_thread(hf_load, args.model)  # its tokenizer also makes the shared prompts
     max_batch = max(args.batches)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ def layer_shapes(dim: int, kv_dim: int, hidden: int, layers: int) -> list[tuple[
     return per_layer * layers
 
 
-def best_ms(step, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def best_ms(step: Callable[[], object], repeats: int) -> float:
     step()
     times = []
     for _ in range(repeats):

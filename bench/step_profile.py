@@ -9,35 +9,40 @@ measured separately by comparing bench/loadgen's inter-token latency with this s
 
 from __future__ import annotations
 
-import os
+import argparse
+import asyncio
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "20000"  # what app/cli.py sets for the server; before torch starts
+from bench.engine_throughput import DEFAULT_MODEL, in_thread, warn_if_busy
+from model.threads import configure_threads
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+if TYPE_CHECKING:  # torch and what imports it load inside the functions, after main() set the thread policy
+    import torch
 
-import torch  # noqa: E402
-
-from app.engine import Engine, GenerationRequest  # noqa: E402
-from bench.engine_throughput import DEFAULT_MODEL, in_thread, warn_if_busy  # noqa: E402
-from model.checkpoint import load_model  # noqa: E402
-from model.quant import QUANTIZATIONS  # noqa: E402
-from model.sampling import SamplingParams  # noqa: E402
+    from app.engine import Engine
+    from model.llama import Transformer
+    from model.sampling import SamplingParams
 
 
 class TimedModel:
-    """Wraps the model so every forward's wall time is recorded (the engine thread calls it)."""
+    """Wraps the model so every forward's wall time is recorded (the engine thread calls it); the
+    rest of the engine's model protocol is passed through."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Transformer) -> None:
         self.model = model
+        self.max_batch_size = model.max_batch_size
+        self.max_seq_len = model.max_seq_len
         self.forward_s: list[float] = []
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         start = time.perf_counter()
@@ -60,6 +65,8 @@ def prompts_for(tokenizer: Any, n: int, prompt_tokens: int) -> list[list[int]]:
 
 
 async def run(engine: Engine, prompts: list[list[int]], output_tokens: int, sampling: SamplingParams) -> float:
+    from app.engine import GenerationRequest
+
     start = time.perf_counter()
     handles = [engine.submit(GenerationRequest(p, sampling, max_tokens=output_tokens, ignore_eos=True, stop=["\n\n\n"]))
                for p in prompts]
@@ -78,16 +85,20 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help="as the server's flag")
+    parser.add_argument("--quantization", default="auto", help="as the server's flag: auto, none or int4")
     args = parser.parse_args()
+    configure_threads(args.threads)
+    from app.engine import Engine
+    from model.checkpoint import load_model
+    from model.sampling import SamplingParams
+
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=0)
-    torch.set_num_threads(args.threads)
     warn_if_busy(args.threads)
     n = args.concurrency
     loaded = in_thread(lambda: load_model(args.model, max_batch_size=n, max_seq_len=args.prompt_tokens + args.output_tokens + 8,
                                        quantization=args.quantization))
     timed = TimedModel(loaded.model)
-    engine = Engine(timed, loaded.tokenizer, max_batch_size=n, max_seq_len=loaded.model.max_seq_len)  # type: ignore[arg-type]
+    engine = Engine(timed, loaded.tokenizer, max_batch_size=n, max_seq_len=loaded.model.max_seq_len)
     engine.start()
     try:
         prompts = prompts_for(loaded.tokenizer, n, args.prompt_tokens)

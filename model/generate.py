@@ -3,31 +3,30 @@
 One sequence in cache slot 0, no server and no engine thread: model/ code only (the checkpoint
 loader, the sampler, the tokenizer). Useful to check a checkpoint by eye and as the plainest example of
 the prefill-then-decode loop.
+
+torch, and the modules that import it, are imported inside the functions: `python -m` runs this
+module's imports before main(), and main() must set the OpenMP policy before torch loads (model/threads.py).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import sys
+import time
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-# Spin-waiting OpenMP threads collapse throughput when the CPU is shared; set before torch starts them.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from model.chat import default_system_prompt, detect_chat_format, end_of_turn_ids, render_chat
+from model.errors import CheckpointError
+from model.fetch import add_cache_dir_flag
+from model.threads import configure_threads
+from model.tokenizer import IncrementalDetokenizer
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Iterator, Sequence  # noqa: E402
-
-import torch  # noqa: E402
-
-from model.chat import default_system_prompt, detect_chat_format, end_of_turn_ids, render_chat  # noqa: E402
-from model.checkpoint import CheckpointError, LoadedModel, load_model  # noqa: E402
-from model.quant import QUANTIZATIONS  # noqa: E402
-from model.llama import Transformer  # noqa: E402
-from model.sampling import Sampler, SamplingParamError, SamplingParams, validate_sampling  # noqa: E402
-from model.tokenizer import IncrementalDetokenizer  # noqa: E402
+if TYPE_CHECKING:
+    from model.checkpoint import LoadedModel
+    from model.llama import Transformer
+    from model.sampling import SamplingParams
 
 
-@torch.inference_mode()
 def generate_tokens(
     model: Transformer,
     prompt_ids: Sequence[int],
@@ -38,23 +37,32 @@ def generate_tokens(
     prefill_chunk: int = 256,
 ) -> Iterator[int]:
     """Yield generated ids one at a time (a stop id is yielded, then generation ends)."""
-    device = model.tok_embeddings.weight.device
-    sampler = Sampler(1, model.args.vocab_size, device)
-    sampler.set_slot(0, params, prompt_ids)
-    tokens = list(prompt_ids)
-    logits = None
-    for start in range(0, len(tokens), prefill_chunk):  # chunked prefill bounds the activation memory
-        chunk = tokens[start : start + prefill_chunk]
-        logits = model(torch.tensor([chunk], device=device), torch.arange(start, start + len(chunk), device=device)[None])
-    for _ in range(max_tokens):
-        assert logits is not None
-        token = sampler.sample(logits, [0]).token_ids[0]
-        yield token
-        if token in stop_ids or len(tokens) >= model.max_seq_len:
-            return
-        tokens.append(token)
-        position = torch.tensor([[len(tokens) - 1]], device=device)
-        logits = model(torch.tensor([[token]], device=device), position, kv_len=len(tokens))
+    import torch
+
+    from model.sampling import Sampler
+
+    @torch.inference_mode()  # while the generator runs, not while the caller handles a token
+    def steps() -> Iterator[int]:
+        device = model.device
+        sampler = Sampler(1, model.vocab_size, device)
+        sampler.set_slot(0, params, prompt_ids)
+        tokens = list(prompt_ids)
+        logits = None
+        for start in range(0, len(tokens), prefill_chunk):  # chunked prefill bounds the activation memory
+            chunk = tokens[start : start + prefill_chunk]
+            positions = torch.arange(start, start + len(chunk), device=device)[None]
+            logits = model(torch.tensor([chunk], device=device), positions)
+        for _ in range(max_tokens):
+            assert logits is not None
+            token = sampler.sample(logits, [0]).token_ids[0]
+            yield token
+            if token in stop_ids or len(tokens) >= model.max_seq_len:
+                return
+            tokens.append(token)
+            position = torch.tensor([[len(tokens) - 1]], device=device)
+            logits = model(torch.tensor([[token]], device=device), position, kv_len=len(tokens))
+
+    return steps()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -70,8 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bos", action="store_true", help="prepend BOS to a plain prompt")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
-                        help="int4 weights for decode on CPU; auto: for a Q4_1 GGUF (as the server)")
+    parser.add_argument("--quantization", default="auto",  # checked by load_model (model/quant.py)
+                        help="none, int4 (weights for decode on CPU) or auto: int4 for a Q4_1 GGUF (as the server)")
+    add_cache_dir_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -89,11 +98,14 @@ def prompt_ids(loaded: LoadedModel, text: str, chat: bool, bos: bool) -> tuple[l
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
+    from model.checkpoint import load_model  # torch loads here, after the thread policy is set
+    from model.sampling import SamplingParamError, SamplingParams, validate_sampling
+
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     try:
-        loaded = load_model(args.model, max_batch_size=1, max_seq_len=args.max_seq_len, quantization=args.quantization)
+        loaded = load_model(args.model, max_batch_size=1, max_seq_len=args.max_seq_len, quantization=args.quantization,
+                            cache_dir=args.cache_dir)
         validate_sampling(params, loaded.args.vocab_size)
     except (CheckpointError, SamplingParamError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -101,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ids, stop_ids = prompt_ids(loaded, args.prompt, args.chat, args.bos)
     max_seq_len = loaded.model.max_seq_len
     if not ids or args.max_tokens < 0 or len(ids) + args.max_tokens > max_seq_len:
-        print(f"error: need 1 <= prompt tokens ({len(ids)}) and prompt + max tokens ({args.max_tokens}) <= {max_seq_len}", file=sys.stderr)
+        need = f"1 <= prompt tokens ({len(ids)}) and prompt + max tokens ({args.max_tokens}) <= {max_seq_len}"
+        print(f"error: need {need}", file=sys.stderr)
         return 2
     detokenizer = IncrementalDetokenizer(loaded.tokenizer)
     start, count, first = time.perf_counter(), 0, None
@@ -115,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     end = time.perf_counter()
     if first is not None:
         decode_rate = (count - 1) / (end - first) if count > 1 and end > first else float("nan")
-        print(f"[{len(ids)} prompt tokens, {count} generated, first token {first - start:.2f} s, {decode_rate:.1f} tok/s]", file=sys.stderr)
+        summary = f"{len(ids)} prompt tokens, {count} generated, first token {first - start:.2f} s, {decode_rate:.1f} tok/s"
+        print(f"[{summary}]", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""GGUF tensors -> our state dict: dequantise, rename, undo llama.cpp's rotary permutation.
+"""GGUF files -> args, our state dict, name and chat template: dequantise, rename, undo llama.cpp's
+rotary permutation.
 
 The result is cached as an fp32 safetensors file in the llamaserve cache dir (keyed by the GGUF's
 path, size and mtime), streamed to disk one tensor at a time, so a second start memory-maps the
@@ -20,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from model.args import ModelArgs, RopeScaling
+from model.args import ModelArgs, RopeScaling, UnsupportedArchitectureError, gguf_value
 from model.errors import CheckpointError
 from model.llama import rope_frequencies
 
@@ -202,8 +204,6 @@ def write_cache(target: Path, prefix: str, shapes: dict[str, tuple[int, ...]], t
 
 def read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Memory-mapped tensors and the metadata of a cache entry."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
 
@@ -282,3 +282,35 @@ def load_state(reader: GGUFReader, args: ModelArgs, gguf_path: Path, cache_dir: 
         return dict(iter_state_dict(reader, args))
     log.info("cached dequantised weights at %s", target)
     return read_cache(target)[0]
+
+
+# ---- the whole file ---------------------------------------------------------------------------
+
+_QUANT_SUFFIX = re.compile(r"[.\-_](I?Q\d\w*|[BF]?F16|F32)$", re.IGNORECASE)
+
+
+def gguf_model_name(path: Path) -> str:
+    """Served id: the file stem without its quantisation suffix (SmolLM2-135M-Instruct.Q4_1 -> SmolLM2-135M-Instruct)."""
+    return _QUANT_SUFFIX.sub("", path.stem) or path.stem
+
+
+def read_gguf(path: Path, cache: Path | None) -> tuple[ModelArgs, dict[str, torch.Tensor], str, str | None, Any]:
+    """args, state dict, served name, chat template and the reader (for the tokenizer); from the
+    fp32 cache when it holds this file version (cache None: no cache)."""
+    cached = read_cached(path, cache) if cache is not None else None
+    reader: GGUFReader | CachedReader
+    if cached is not None:  # warm start: no GGUF parsing at all
+        state, args, reader = cached
+    else:
+        parsed = open_reader(path)
+        try:
+            args = ModelArgs.from_gguf_metadata(parsed)
+        except UnsupportedArchitectureError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: bad GGUF metadata: {e}") from e
+        check_rope_freqs(parsed, args)
+        state = load_state(parsed, args, path, cache)
+        reader = parsed
+    template = gguf_value(reader.fields, "tokenizer.chat_template", None)
+    return args, state, gguf_model_name(path), template, reader

@@ -228,10 +228,11 @@ class Transformer(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        """Read by the engine's model protocol (app/engine/model_runner.CausalLM)."""
+        """Rows of the logits. Read-only: this and `device` are what the engine's model protocol
+        (app/engine/model_runner.CausalLM) reads, so it never reaches into `args` or the weights."""
         return self.args.vocab_size
 
     @property
     def device(self) -> torch.device:
-        """Where the weights live (the engine builds its tensors there)."""
+        """Where the weights live, read-only (the engine builds its input tensors there)."""
         return self.tok_embeddings.weight.device

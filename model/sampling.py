@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -298,7 +298,9 @@ class Sampler:
         target = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
         return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
-    def _logprobs_of(self, logits: torch.Tensor, wanted: list[int | None]):  # type: ignore[no-untyped-def]
+    def _logprobs_of(
+        self, logits: torch.Tensor, wanted: list[int | None]
+    ) -> Callable[[list[int]], list[TokenLogprob | None]]:
         """log_softmax of the raw logits; returns a function of the chosen ids -> per-row TokenLogprob."""
         logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)
         k = min(max(w or 0 for w in wanted), logp.shape[-1])  # a toy vocabulary may be smaller than k

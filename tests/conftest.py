@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-weight Llama with a byte tokenizer (fast), and the real default model."""
+"""Shared fixtures: a byte tokenizer, the real default model's path, and the anyio backend (helpers live in tests/support)."""
 
 from __future__ import annotations
 
@@ -8,28 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.args import ModelArgs
-from model.llama import Transformer
 from model.tokenizer import ByteTokenizer
 
 torch.set_num_threads(int(os.environ.get("LLAMASERVE_TEST_THREADS", "2")))
 
 
-def tiny_args(**overrides) -> ModelArgs:  # type: ignore[no-untyped-def]
-    values = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=259, hidden_dim=128, rope_theta=10000.0)
-    values.update(overrides)
-    return ModelArgs(**values)
-
-
-def tiny_model(max_batch_size: int = 4, max_seq_len: int = 128, seed: int = 0, **overrides) -> Transformer:  # type: ignore[no-untyped-def]
-    """A random-weight model whose logits are peaked enough for greedy decoding to be non-trivial."""
-    torch.manual_seed(seed)
-    model = Transformer(tiny_args(**overrides))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.fill_(1.0)
-    model.eval().setup_cache(max_batch_size, max_seq_len)
-    return model
+@pytest.fixture
+def anyio_backend() -> str:
+    """anyio tests (pytest.mark.anyio) run on asyncio only."""
+    return "asyncio"
 
 
 @pytest.fixture

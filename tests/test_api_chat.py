@@ -7,12 +7,13 @@ from typing import Any
 import pytest
 
 from model.tokenizer import ByteTokenizer
-from tests.test_api_support import (
+from tests.support.api import (
     CHATML_SPECIALS,
     IM_END,
     MAX_SEQ_LEN,
     MODEL,
     assert_error,
+    chatml_count,
     parse_sse,
     serve_app,
     settings,
@@ -21,20 +22,10 @@ from tests.test_api_support import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def chat(**fields: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hey"}], "max_tokens": 6, "temperature": 0}
     body.update(fields)
     return body
-
-
-def chatml_count(text: str) -> int:
-    """Prompt length of hand-written ChatML text, encoded by a tokenizer that parses control tokens."""
-    return len(ByteTokenizer(CHATML_SPECIALS).encode(text, allow_special=True))
 
 
 async def test_response_shape_and_prompt_is_chatml() -> None:

@@ -12,8 +12,7 @@ import torch
 
 from app.cli import main, settings_from_args
 from app.config import Settings
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 def test_flags_override_env_and_env_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,6 +23,17 @@ def test_flags_override_env_and_env_overrides_defaults(monkeypatch: pytest.Monke
     assert (s.max_batch_size, s.port, s.warmup, s.chat_format, s.api_key) == (5, 9000, False, "llama3", "k")
     assert s.cors_origins == ["http://a", "http://b"]
     assert settings_from_args([]).host == "127.0.0.1"  # `python -m app` needs no subcommand
+
+
+def test_cache_dir_comes_from_the_environment_or_the_flag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The server reads LLAMASERVE_CACHE_DIR through Settings only, and hands cache_dir to model/fetch and the loader."""
+    monkeypatch.delenv("LLAMASERVE_CACHE_DIR", raising=False)
+    assert Settings().cache_dir == Path.home() / ".cache" / "llamaserve"
+    monkeypatch.setenv("LLAMASERVE_CACHE_DIR", str(tmp_path / "env"))
+    assert Settings().cache_dir == tmp_path / "env"
+    assert settings_from_args(["--cache-dir", str(tmp_path / "flag")]).cache_dir == tmp_path / "flag"
+    monkeypatch.setenv("LLAMASERVE_CACHE_DIR", "")  # set but empty: the default, as before
+    assert Settings().cache_dir == Path.home() / ".cache" / "llamaserve"
 
 
 def test_device_and_dtype_auto() -> None:

@@ -7,24 +7,10 @@ from typing import Any
 
 import pytest
 
-from tests.test_api_support import (
-    IM_END,
-    MODEL,
-    parse_sse,
-    reference_greedy,
-    reference_prompt_logprobs,
-    serve_app,
-    settings,
-    tiny_loaded,
-    token_id,
-)
+from tests.support.api import IM_END, MODEL, parse_sse, serve_app, settings, tiny_loaded, token_id
+from tests.support.reference import reference_greedy_logprobs, reference_prompt_logprobs
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def completion(**fields: Any) -> dict[str, Any]:
@@ -48,7 +34,7 @@ async def test_response_shape_and_greedy_matches_reference() -> None:
     [choice] = body["choices"]
     assert set(choice) == {"text", "index", "logprobs", "finish_reason"}
     assert choice["index"] == 0 and choice["finish_reason"] == "length"
-    expected_ids, expected_lps = reference_greedy(list(b"Hello"), 8)
+    expected_ids, expected_lps = reference_greedy_logprobs(list(b"Hello"), 8)
     assert choice_ids(choice) == expected_ids
     assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected_lps, abs=1e-3)
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}

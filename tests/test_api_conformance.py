@@ -8,30 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import pytest
 
 from model.chat import render_chat
 from model.tokenizer import ByteTokenizer
-from tests.test_api_support import CHATML_SPECIALS, MAX_SEQ_LEN, MODEL, assert_error, parse_sse, serve_app, settings
+from tests.support.api import MAX_SEQ_LEN, MODEL, assert_error, chatml_count, parse_sse, serve_app, settings, still_serves
 
 pytestmark = pytest.mark.anyio
 
 COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hey"}], "max_tokens": 2, "temperature": 0}
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-async def still_serves(client: httpx.AsyncClient) -> None:
-    assert (await client.post("/v1/completions", json=COMPLETION)).status_code == 200
-
-
-def chatml_count(text: str) -> int:
-    return len(ByteTokenizer(CHATML_SPECIALS).encode(text, allow_special=True))
 
 
 # JSON values of the wrong JSON type: OpenAI answers 400 ("'10' is not of type 'integer'"); lax pydantic

@@ -7,24 +7,22 @@ import json
 import time
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.test_api_support import MAX_SEQ_LEN, MODEL, assert_error, parse_sse, serve_app, settings, tiny_loaded
+from tests.support.api import (
+    MAX_SEQ_LEN,
+    MODEL,
+    OK,
+    assert_error,
+    parse_sse,
+    serve_app,
+    settings,
+    slowed,
+    still_serves,
+    tiny_loaded,
+)
 
 pytestmark = pytest.mark.anyio
-
-OK = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-async def still_serves(client: httpx.AsyncClient, headers: dict[str, str] | None = None) -> None:
-    r = await client.post("/v1/completions", json=OK, headers=headers)
-    assert r.status_code == 200, r.text
 
 
 BAD_COMPLETIONS: list[tuple[dict[str, Any], str | None]] = [
@@ -188,17 +186,6 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.005)
-
-
-def slowed(loaded: Any, delay: float = 0.01) -> Any:
-    forward = loaded.model.forward
-
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(delay)
-        return forward(*args, **kwargs)
-
-    loaded.model.forward = slow
-    return loaded
 
 
 async def test_queue_full_is_503_with_retry_after_and_cancels_earlier_choices() -> None:

@@ -28,8 +28,7 @@ import torch
 from model.chat import render_chat
 from model.checkpoint import LoadedModel, load_model
 from model.tokenizer import ByteTokenizer
-from tests.conftest import tiny_args, tiny_model
-from tests.test_api_support import (
+from tests.support.api import (
     IM_END,
     IM_START,
     MAX_SEQ_LEN,
@@ -41,6 +40,7 @@ from tests.test_api_support import (
     tiny_loaded,
     uvicorn_thread,
 )
+from tests.support.models import tiny_args, tiny_model
 
 pytestmark = pytest.mark.anyio
 
@@ -49,11 +49,6 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_to
 ENDPOINTS = [("/v1/completions", COMPLETION, "cmpl"), ("/v1/chat/completions", CHAT, "chatcmpl")]
 GENERATED_ID = re.compile(r"(cmpl|chatcmpl)-[0-9a-f]{32}")
 SMOLLM2_TEMPLATE_START = "{% for message in messages %}"  # the chat template in the SmolLM2 GGUF
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 class LmEvalClient:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from model.checkpoint import LoadedModel, load_model
-from tests.test_api_support import parse_sse, serve_app, settings
+from tests.support.api import parse_sse, serve_app, settings
 
 pytestmark = pytest.mark.anyio
 MODEL = "SmolLM2-135M-Instruct"
@@ -27,11 +27,6 @@ PROBES: list[tuple[str, dict[str, Any]]] = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 6, "temperature": 0.7,
                               "top_p": 0.9, "seed": 3, "logprobs": True, "top_logprobs": 2, "stream": True}),
 ]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture(scope="module")

@@ -13,25 +13,7 @@ import pytest
 
 import app.lifecycle as server_module
 from app.server import create_app
-from tests.test_api_support import MAX_SEQ_LEN, MODEL, assert_error, serve_app, settings, tiny_loaded, uvicorn_thread
-
-OK = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def slowed(loaded: Any, delay: float) -> Any:
-    forward = loaded.model.forward
-
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(delay)
-        return forward(*args, **kwargs)
-
-    loaded.model.forward = slow
-    return loaded
+from tests.support.api import MAX_SEQ_LEN, MODEL, OK, assert_error, serve_app, settings, slowed, tiny_loaded, uvicorn_thread
 
 
 @pytest.mark.anyio

@@ -20,8 +20,8 @@ from model import quant
 from model.checkpoint import load_model
 from model.invariance import KV_BLOCK, TiledLinear, make_batch_invariant, row_tile, tiled_linear
 from model.sampling import SamplingParams
-from tests.conftest import tiny_model
-from tests.engine_helpers import collect, run
+from tests.support.engine import collect, run
+from tests.support.models import tiny_model
 
 # ---------------------------------------------------------------- model level (tiny random model)
 

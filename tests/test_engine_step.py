@@ -13,15 +13,13 @@ from app.engine import (
     Engine,
     GenerationRequest,
     RequestStatus,
-    SamplingParams,
 )
 from app.engine.request import Request, RequestTimings
 from app.engine.scheduler import Scheduler
 from app.stop import StopMatcher
 from model.tokenizer import ByteTokenizer, IncrementalDetokenizer
-from tests.conftest import tiny_model
-
-GREEDY = SamplingParams(temperature=0.0)
+from tests.support.engine import GREEDY
+from tests.support.models import tiny_model
 
 
 class FakeHandle:

@@ -16,7 +16,8 @@ import torch
 
 from model.args import ModelArgs, UnsupportedArchitectureError
 from model.checkpoint import CheckpointError, load_model
-from tests.conftest import tiny_model
+from tests.support import REPO
+from tests.support.models import tiny_model
 
 SEQ = 32
 
@@ -199,11 +200,10 @@ def test_fetch_into_a_read_only_cache_dir_is_a_fetch_error(
 ) -> None:
     from model import fetch
 
-    monkeypatch.setenv("LLAMASERVE_CACHE_DIR", str(tmp_path))
     real_access = fetch.os.access
     monkeypatch.setattr(fetch.os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
     with pytest.raises(fetch.FetchError, match="not writable"):
-        fetch.ensure_default_model(progress=False)
+        fetch.ensure_default_model(tmp_path, progress=False)
     assert no_download == []
 
 
@@ -213,9 +213,9 @@ def test_fetch_into_a_cache_dir_that_cannot_be_created_is_a_fetch_error(
     from model import fetch
 
     (tmp_path / "file").write_text("")
-    monkeypatch.setenv("LLAMASERVE_CACHE_DIR", str(tmp_path / "file" / "cache"))
     with pytest.raises(fetch.FetchError, match="cache dir"):
-        fetch.ensure_default_model(progress=False)
+        fetch.ensure_default_model(tmp_path / "file" / "cache", progress=False)
+    monkeypatch.setenv("LLAMASERVE_CACHE_DIR", str(tmp_path / "file" / "cache"))  # what the command line reads
     assert fetch.main(["--quiet"]) == 1
     assert no_download == []
 
@@ -225,7 +225,7 @@ def test_fetch_into_a_cache_dir_that_cannot_be_created_is_a_fetch_error(
 
 def run_generate(*argv: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "model.generate", "--threads", "2", *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
 def test_generate_cli_chat_on_the_default_model_answers_paris(smollm2_path: Path) -> None:
@@ -245,6 +245,28 @@ def test_generate_cli_with_a_bad_model_exits_2_with_a_clear_message(tmp_path: Pa
     result = run_generate("--model", str(path), "--prompt", "hi")
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and str(path) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_cli_with_an_unknown_quantization_exits_2_naming_the_choices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model.generate import main
+
+    (tmp_path / "m.gguf").write_bytes(b"")
+    assert main(["--model", str(tmp_path / "m.gguf"), "--prompt", "hi", "--quantization", "int8"]) == 2
+    assert "quantization must be one of auto, none, int4" in capsys.readouterr().err
+
+
+def test_transformer_exposes_vocab_size_and_device_read_only() -> None:
+    """What the engine's model protocol reads (app/engine/model_runner.CausalLM)."""
+    model = tiny_model()
+    assert model.vocab_size == model.args.vocab_size == 259
+    assert model.device == model.tok_embeddings.weight.device == torch.device("cpu")
+    assert tiny_model().to("meta").device == torch.device("meta")  # follows the weights
+    with pytest.raises(AttributeError):
+        model.vocab_size = 3  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        model.device = torch.device("cpu")  # type: ignore[misc]
 
 
 def test_slots_outside_the_cache_are_an_error() -> None:

@@ -21,13 +21,12 @@ import httpx
 import openai
 import pytest
 
-from tests.test_api_support import free_port
+from tests.support import REPO
+from tests.support.api import free_port
+from tests.support.oracle import GOLDEN_PROMPT
 
 API_KEY = "sk-llamaserve-test"
 MODEL = "SmolLM2-135M-Instruct"
-# <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n (docs/default-model.md)
-FRANCE_IDS = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
-REPO = Path(__file__).resolve().parents[1]
 _PROCESSES: dict[str, subprocess.Popen[str]] = {}  # base url -> server process
 
 
@@ -76,10 +75,10 @@ def test_models_lists_the_default_model(client: openai.OpenAI) -> None:
 
 
 def test_completion_greedy_matches_reference_answer(client: openai.OpenAI) -> None:
-    r = client.completions.create(model=MODEL, prompt=FRANCE_IDS, max_tokens=20, temperature=0)
+    r = client.completions.create(model=MODEL, prompt=GOLDEN_PROMPT, max_tokens=20, temperature=0)
     assert r.choices[0].text == "The capital of France is Paris."
     assert r.choices[0].finish_reason == "stop"  # <|im_end|> ends the turn
-    assert r.usage is not None and r.usage.prompt_tokens == len(FRANCE_IDS) and r.usage.completion_tokens == 8
+    assert r.usage is not None and r.usage.prompt_tokens == len(GOLDEN_PROMPT) and r.usage.completion_tokens == 8
 
 
 def test_streaming_equals_non_streaming(client: openai.OpenAI) -> None:

@@ -11,16 +11,16 @@ import importlib.util
 import re
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import REPO
+
 PACKAGES = ("model", "app")
 
 
 def pyproject() -> dict:
-    with open(ROOT / "pyproject.toml", "rb") as f:
+    with open(REPO / "pyproject.toml", "rb") as f:
         return tomllib.load(f)
 
 
@@ -50,7 +50,7 @@ def third_party_imports(folders: tuple[str, ...] = PACKAGES) -> dict[str, set[st
     found: dict[str, set[str]] = {}
     local = {"model", "app", "tests", "bench", "__future__"}
     for package in folders:
-        for path in sorted((ROOT / package).rglob("*.py")):
+        for path in sorted((REPO / package).rglob("*.py")):
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
             guarded = optional_imports(tree)
             for node in ast.walk(tree):
@@ -65,7 +65,7 @@ def third_party_imports(folders: tuple[str, ...] = PACKAGES) -> dict[str, set[st
                 for name in names:
                     top = name.split(".")[0]
                     if top not in local and top not in sys.stdlib_module_names:
-                        found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+                        found.setdefault(top, set()).add(str(path.relative_to(REPO)))
     return found
 
 
@@ -135,7 +135,7 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     """The README's table is written by hand from app/config.py: catch a setting added without docs."""
     from app.config import Settings
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     table = readme.split("<!-- CONFIG-TABLE", 1)[1].split("<!-- /CONFIG-TABLE -->", 1)[0]
     missing = [name for name in Settings.model_fields if f"`LLAMASERVE_{name.upper()}`" not in table]
     assert not missing, f"settings missing from the README configuration table: {missing}"
@@ -143,7 +143,7 @@ def test_readme_configuration_table_lists_every_setting() -> None:
 
 def load_stream_check():  # type: ignore[no-untyped-def]
     """.ci/stream_check.py is a script, not a package module: load it by path."""
-    spec = importlib.util.spec_from_file_location("stream_check", ROOT / ".ci" / "stream_check.py")
+    spec = importlib.util.spec_from_file_location("stream_check", REPO / ".ci" / "stream_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -14,10 +14,9 @@ from torch import nn
 
 from model import quant
 from model.checkpoint import CheckpointError, load_weights
-from model.sampling import SamplingParams
 from model.quant import GROUP_SIZE, Int4Linear, dequantize_groups, quantize_groups, quantize_int4, resolve_quantization
-from tests.conftest import tiny_model
-from tests.test_oracle import GOLDEN_PROMPT, greedy, hf_logits, one_thread, transformers_gguf_model
+from tests.support.models import tiny_model
+from tests.support.oracle import GOLDEN_PROMPT, greedy, hf_logits, one_thread, transformers_gguf_model
 
 needs_int4_kernel = pytest.mark.skipif(not quant.int4_kernel_available(), reason="torch has no vector int4 kernel on this CPU")
 
@@ -221,7 +220,7 @@ def test_engine_on_int4_weights_both_sides_of_max_rows(smollm2_path: Path, monke
     where the int4 layers once switched to dense weights) gives the same tokens (batch invariance)."""
     from app.engine import Engine, GenerationRequest
     from model.checkpoint import load_model
-    from tests.engine_helpers import collect, ids_of, run
+    from tests.support.engine import GREEDY, collect, ids_of, run
 
     _, dense_dtype = quant.default_layout()
     monkeypatch.setattr(quant, "default_layout", lambda: (4, dense_dtype))
@@ -230,12 +229,10 @@ def test_engine_on_int4_weights_both_sides_of_max_rows(smollm2_path: Path, monke
     assert loaded.model.layers[0].attention.wq.max_rows == 4
     engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=8, max_seq_len=64)
     engine.start()
-    golden_prompt = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
-    greedy = SamplingParams(temperature=0.0)
 
     async def main() -> tuple[list[int], list[list[int]]]:
-        alone = ids_of(await collect(engine.submit(GenerationRequest(golden_prompt, greedy, max_tokens=20))))
-        streams = [engine.submit(GenerationRequest(golden_prompt[: 16 - i], greedy, max_tokens=20)) for i in range(8)]
+        alone = ids_of(await collect(engine.submit(GenerationRequest(GOLDEN_PROMPT, GREEDY, max_tokens=20))))
+        streams = [engine.submit(GenerationRequest(GOLDEN_PROMPT[: 16 - i], GREEDY, max_tokens=20)) for i in range(8)]
         crowd = [ids_of(outputs) for outputs in await asyncio.gather(*(collect(s) for s in streams))]
         return alone, crowd
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from bench import run_peers
+from tests.support import REPO
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# Answers `--version` like llama-server (on stderr); otherwise writes its argv next to itself and serves
-# the fake SSE server of test_loadgen, with a /health that says 503 for the first half second ("loading").
+# Answers `--version` like llama-server (on stderr); otherwise writes its argv next to itself and serves the
+# fake SSE server of tests/support/fake_server.py, with a /health that says 503 for the first half second ("loading").
 FAKE_LLAMA_SERVER = """#!{python}
 import sys, time
 if sys.argv[1:] == ["--version"]:
@@ -26,7 +25,7 @@ from pathlib import Path
 import uvicorn
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from tests.test_loadgen import FakeServer
+from tests.support.fake_server import FakeServer
 
 Path(__file__).with_suffix(".argv").write_text(json.dumps(sys.argv[1:]))
 started = time.monotonic()
@@ -50,7 +49,7 @@ def fake_binary(path: Path, text: str) -> Path:
 
 def test_llama_server_is_started_with_one_slot_per_client_and_compared(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(run_peers, "machine_load", lambda sample_s=1.0: {"loadavg_1m": 0.0, "cpu_busy": 0.0, "cores": 2})
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))  # the fake imports tests.test_loadgen
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the fake imports tests.support.fake_server
     binary = fake_binary(tmp_path / "llama-server", FAKE_LLAMA_SERVER.format(python=sys.executable))
     model = tmp_path / "model.gguf"
     model.write_bytes(b"")

@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from model.sampling import LOGPROB_FLOOR, Sampler, SamplingParamError, SamplingParams, prompt_logprobs, validate_sampling
+from tests.support.reference import logsoftmax_np
 
 V = 64
 
@@ -186,12 +187,6 @@ def test_seeded_sampling_does_not_depend_on_the_batch() -> None:
     assert seeded_run(slot=2, others=7, seed=42) == alone
     assert seeded_run(slot=0, others=0, seed=43) != alone
     assert len(set(alone)) > 3  # really sampled, not greedy
-
-
-def logsoftmax_np(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def test_logprobs_are_raw_log_softmax_with_sorted_alternatives() -> None:

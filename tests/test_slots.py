@@ -11,8 +11,8 @@ import torch
 
 from model.checkpoint import load_weights
 from model.llama import Transformer
-from tests.conftest import tiny_model
-from tests.test_oracle import GOLDEN_PROMPT, one_thread
+from tests.support.models import tiny_model
+from tests.support.oracle import GOLDEN_PROMPT, one_thread
 
 STEPS = 12
 

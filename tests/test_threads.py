@@ -9,7 +9,7 @@ import pytest
 
 from app.engine import Engine
 from app.lifecycle import run_in_short_lived_thread
-from tests.conftest import tiny_model
+from tests.support.models import tiny_model
 
 
 def test_short_lived_thread_returns_the_result_and_is_gone_afterwards() -> None:

@@ -24,7 +24,7 @@ from model.tokenizer import (
     tokenizer_from_dir,
     tokenizer_from_gguf,
 )
-from tests.tokenizer_corpus import corpus, training_text
+from tests.support.tokenizer_corpus import corpus, training_text
 
 # Patterns written out here (not imported) so the tests check the module's copies.
 META_LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -144,8 +144,8 @@ class CompletionRequest(SamplingFields):
         if isinstance(prompt, str):
             return [prompt]
         if prompt and all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]  # type: ignore[arg-type]
-        return list(prompt)  # type: ignore[arg-type]
+            return [[p for p in prompt if isinstance(p, int)]]
+        return [p for p in prompt if isinstance(p, (str, list))]
 
 
 class ChatMessage(_Request):

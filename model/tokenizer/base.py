@@ -8,7 +8,7 @@ tests and tiny random models use; `TokenizerError` is what every loader raises.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 
 class Tokenizer(Protocol):
@@ -54,7 +54,7 @@ class ByteTokenizer:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def split_on_specials(text: str, specials: dict[str, int], encode_plain) -> list[int]:  # type: ignore[no-untyped-def]
+def split_on_specials(text: str, specials: dict[str, int], encode_plain: Callable[[str], list[int]]) -> list[int]:
     """Encode text where special-token strings become their ids and the rest goes to encode_plain."""
     ids: list[int] = []
     start = 0

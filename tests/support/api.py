@@ -1,7 +1,4 @@
-"""Helpers for the API tests: a tiny-model app behind httpx, SSE parsing, an independent greedy oracle.
-
-No tests here; the module name only keeps it among the API test files.
-"""
+"""HTTP API test helpers: the tiny-model app behind httpx or a real uvicorn, SSE parsing, the error envelope."""
 
 from __future__ import annotations
 
@@ -14,19 +11,19 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, AsyncIterator, Iterator
 
 import httpx
-import torch
 import uvicorn
 
 from app.config import Settings
 from app.server import create_app
 from model.checkpoint import LoadedModel
 from model.tokenizer import ByteTokenizer
-from tests.conftest import tiny_args, tiny_model
+from tests.support.models import tiny_args, tiny_model
 
 CHATML_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # ids 256, 257, 258
 IM_START, IM_END, ENDOFTEXT = 256, 257, 258
 MODEL = "tiny"
 MAX_SEQ_LEN = 128
+OK = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}  # a completion any test server serves
 
 
 def tiny_loaded(seed: int = 0, max_batch_size: int = 4, specials: tuple[str, ...] = CHATML_SPECIALS) -> LoadedModel:
@@ -41,6 +38,18 @@ def settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def slowed(loaded: Any, delay: float = 0.01) -> Any:
+    """`loaded` with every forward of its model taking `delay` seconds longer."""
+    forward = loaded.model.forward
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(delay)
+        return forward(*args, **kwargs)
+
+    loaded.model.forward = slow
+    return loaded
+
+
 @asynccontextmanager
 async def serve_app(cfg: Settings | None = None, loaded: LoadedModel | None = None) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan running and the model ready, behind an in-process httpx client."""
@@ -51,6 +60,16 @@ async def serve_app(cfg: Settings | None = None, loaded: LoadedModel | None = No
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+async def still_serves(client: httpx.AsyncClient, headers: dict[str, str] | None = None) -> None:
+    r = await client.post("/v1/completions", json=OK, headers=headers)
+    assert r.status_code == 200, r.text
+
+
+def chatml_count(text: str) -> int:
+    """Prompt length of hand-written ChatML text, encoded by a tokenizer that parses control tokens."""
+    return len(ByteTokenizer(CHATML_SPECIALS).encode(text, allow_special=True))
 
 
 def parse_sse(raw: str) -> tuple[list[dict[str, Any]], bool, int]:
@@ -93,32 +112,6 @@ def token_id(text: str, tokenizer: ByteTokenizer) -> int:
     raw = text.encode()
     assert len(raw) == 1, text
     return raw[0]
-
-
-@torch.no_grad()
-def reference_greedy(prompt: list[int], steps: int, seed: int = 0) -> tuple[list[int], list[float]]:
-    """Greedy decoding by re-running the whole sequence each step on a fresh copy of the model: no engine,
-    no batching, no incremental cache reuse. Returns the ids and their logprobs."""
-    model = tiny_model(max_batch_size=1, max_seq_len=MAX_SEQ_LEN, seed=seed)
-    ids, logprobs = list(prompt), []
-    for _ in range(steps):
-        tokens = torch.tensor([ids])
-        positions = torch.arange(len(ids)).unsqueeze(0)
-        logits = model.forward(tokens, positions)[0].float()
-        lp = torch.log_softmax(logits, dim=-1)
-        nxt = int(lp.argmax())
-        ids.append(nxt)
-        logprobs.append(float(lp[nxt]))
-    return ids[len(prompt):], logprobs
-
-
-@torch.no_grad()
-def reference_prompt_logprobs(prompt: list[int], seed: int = 0) -> list[float]:
-    """logprob of prompt[k] given prompt[:k], k >= 1, from one full forward pass."""
-    model = tiny_model(max_batch_size=1, max_seq_len=MAX_SEQ_LEN, seed=seed)
-    logits = model.forward(torch.tensor([prompt]), torch.arange(len(prompt)).unsqueeze(0), all_logits=True)[0]
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    return [float(lp[k - 1, prompt[k]]) for k in range(1, len(prompt))]
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""Helpers shared by the engine test modules: bounded event loops and output collection."""
+"""Engine test helpers: a tiny-model engine, deterministic prompts, bounded event loops, output collection."""
 
 from __future__ import annotations
 
@@ -6,6 +6,25 @@ import asyncio
 from typing import Any, Awaitable
 
 from app.engine import Engine, GenerationOutput, GenerationRequest, RequestHandle
+from model.sampling import SamplingParams
+from model.tokenizer import ByteTokenizer
+from tests.support.models import tiny_model
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def make_engine(max_batch_size: int = 4, max_seq_len: int = 128, start: bool = True, **kwargs: Any) -> Engine:
+    """An engine on the tiny model (seed 0, the reference oracles' weights) and a ByteTokenizer."""
+    engine = Engine(tiny_model(max_batch_size, max_seq_len), ByteTokenizer(), max_batch_size=max_batch_size,
+                    max_seq_len=max_seq_len, **kwargs)
+    if start:
+        engine.start()
+    return engine
+
+
+def prompt(i: int, length: int) -> list[int]:
+    """The i-th deterministic byte prompt of `length` tokens."""
+    return [(7 * i + 13 * j) % 256 for j in range(length)]
 
 
 def run(coro: Awaitable[Any], timeout: float = 60.0) -> Any:
