@@ -2,6 +2,7 @@
 # One entry point for newcomers and CI:
 #   ./run.sh serve [llamaserve flags]   set up, then serve the default model on 127.0.0.1:8000
 #   ./run.sh test  [pytest args]        set up, then run the test suite
+#   ./run.sh lint                       set up, then ruff (lint + format check) and mypy
 #   ./run.sh setup                      only set up: .venv, CPU torch, llamaserve[test], default model
 # Set-up is idempotent: a second run only re-checks the model file.
 #
@@ -83,8 +84,15 @@ case "$cmd" in
         log "running the test suite"
         exec "$PY" -m pytest "$@"
         ;;
+    lint)
+        setup
+        log "ruff check, ruff format --check, mypy"
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/ruff" format --check .
+        exec "$VENV/bin/mypy"
+        ;;
     *)
-        echo "usage: ./run.sh serve [llamaserve flags] | test [pytest args] | setup" >&2
+        echo "usage: ./run.sh serve [llamaserve flags] | test [pytest args] | lint | setup" >&2
         exit 2
         ;;
 esac

@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     quantization: Literal["auto", "none", "int4"] = Field(
-        "auto", description="int4: 4-bit weights for small decode batches on CPU (AVX2/AVX-512); auto: int4 for a Q4_1 GGUF on such a CPU, else none"
+        "auto",
+        description="int4: 4-bit weights for small decode batches on CPU (AVX2/AVX-512); "
+        "auto: int4 for a Q4_1 GGUF on such a CPU, else none",
     )
     batch_invariant: bool = Field(
         True,
@@ -43,7 +45,9 @@ class Settings(BaseSettings):
     chat_format: Literal["chatml", "llama3", "llama2"] | None = Field(None, description="override the detected chat format")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port")
-    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` (not on /health, /metrics, /docs, /openapi.json)")
+    api_key: str | None = Field(
+        None, description="require `Authorization: Bearer <key>` (not on /health, /metrics, /docs, /openapi.json)"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated allowed CORS origins")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted (else 413)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds to let running requests finish on shutdown")

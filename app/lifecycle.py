@@ -12,18 +12,17 @@ import threading
 import time
 from typing import Any, Callable, TypeVar
 
-
+import model.checkpoint as checkpoint
 from app.config import Settings
 from app.engine import Engine, EngineStats, GenerationRequest
 from app.errors import model_not_found, unavailable
 from app.metrics import Metrics
 from app.protocol.responses import ModelCard, now
 from model.chat import default_system_prompt, detect_chat_format
-import model.checkpoint as checkpoint
 from model.checkpoint import CheckpointError, LoadedModel
 from model.fetch import ensure_default_model
-from model.threads import configure_threads
 from model.sampling import SamplingParams
+from model.threads import configure_threads
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger("llamaserve")
@@ -78,8 +77,13 @@ def load_checkpoint(settings: Settings) -> LoadedModel:
         batch_invariant=settings.batch_invariant,
         cache_dir=settings.cache_dir,
     )
-    log.info("loaded %s in %.1f s (quantization %s, batch invariant %s)", loaded.name, time.monotonic() - start,
-             loaded.quantization, loaded.model.batch_invariant)
+    log.info(
+        "loaded %s in %.1f s (quantization %s, batch invariant %s)",
+        loaded.name,
+        time.monotonic() - start,
+        loaded.quantization,
+        loaded.model.batch_invariant,
+    )
     return loaded
 
 
@@ -125,8 +129,13 @@ class ServerState:
                 await self._warmup()
             self.phase = "ready"
             self.ready.set()
-            log.info("ready: serving %s (chat format %s, %d slots x %d tokens)", self.model_name, self.chat_format,
-                     model.max_batch_size, model.max_seq_len)
+            log.info(
+                "ready: serving %s (chat format %s, %d slots x %d tokens)",
+                self.model_name,
+                self.chat_format,
+                model.max_batch_size,
+                model.max_seq_len,
+            )
         except Exception as e:  # noqa: BLE001 - any load failure must surface in /health and the log
             if isinstance(e, (CheckpointError, OSError)):
                 log.error("start-up failed: %s", e)  # the user's mistake: no traceback

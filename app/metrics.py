@@ -37,9 +37,7 @@ class Metrics:
         self.inter_token = Histogram(
             "llamaserve_inter_token_latency_seconds", "Time between generated tokens", buckets=TOKEN_BUCKETS, registry=r
         )
-        self.e2e = Histogram(
-            "llamaserve_e2e_request_latency_seconds", "Arrival to finish", buckets=LATENCY_BUCKETS, registry=r
-        )
+        self.e2e = Histogram("llamaserve_e2e_request_latency_seconds", "Arrival to finish", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram(
             "llamaserve_request_queue_time_seconds", "Arrival to getting a slot", buckets=LATENCY_BUCKETS, registry=r
         )

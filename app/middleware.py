@@ -131,5 +131,10 @@ class RequestIdMiddleware:
             await internal_error().response()(scope, receive, send_with_id)
         finally:
             summary = scope["state"].get("outcome")
-            log.info("%s: finished with status %s in %.3f s%s", rid, status if status is not None else "none (no response)",
-                     time.monotonic() - start, f" ({summary()})" if summary else "")
+            log.info(
+                "%s: finished with status %s in %.3f s%s",
+                rid,
+                status if status is not None else "none (no response)",
+                time.monotonic() - start,
+                f" ({summary()})" if summary else "",
+            )

@@ -57,7 +57,10 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
             expose_headers=[REQUEST_ID_HEADER],  # so browser clients can read it
         )
     app.add_middleware(RequestIdMiddleware)

@@ -46,7 +46,10 @@ def warn_if_busy(threads: int) -> None:
     load = os.getloadavg()[0]
     cores = os.cpu_count() or 1
     if load > max(0.5, cores - threads):
-        print(f"WARNING: load average {load:.1f} on {cores} cores: other work competes, numbers will be low and noisy", file=sys.stderr)
+        print(
+            f"WARNING: load average {load:.1f} on {cores} cores: other work competes, numbers will be low and noisy",
+            file=sys.stderr,
+        )
 
 
 async def engine_run(engine: Engine, prompts: list[list[int]], output_tokens: int) -> dict[str, float]:
@@ -92,12 +95,19 @@ def in_thread(fn: Any, *args: Any) -> Any:
     return box["result"]
 
 
-def measure_engine(loaded: Any, max_batch: int, prefill_chunk: int, prompts: list[list[int]], output_tokens: int) -> dict[str, float]:
+def measure_engine(
+    loaded: Any, max_batch: int, prefill_chunk: int, prompts: list[list[int]], output_tokens: int
+) -> dict[str, float]:
     """A fresh engine for one measurement: its thread (and OpenMP pool) is gone when this returns."""
     from app.engine import Engine
 
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch, max_seq_len=loaded.model.max_seq_len,
-                    prefill_chunk=prefill_chunk)
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        max_batch_size=max_batch,
+        max_seq_len=loaded.model.max_seq_len,
+        prefill_chunk=prefill_chunk,
+    )
     engine.start()
     try:
         return asyncio.run(engine_run(engine, prompts, output_tokens))
@@ -131,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--skip-hf", action="store_true", help="measure the engine only")
     parser.add_argument("--quantization", default="auto", help="as the server's flag: auto, none or int4")
-    parser.add_argument("--batch-invariant", choices=["on", "off", "both"], default="on",
-                        help="as the server's flag; both: measure each and print the cost of invariance")
+    parser.add_argument(
+        "--batch-invariant",
+        choices=["on", "off", "both"],
+        default="on",
+        help="as the server's flag; both: measure each and print the cost of invariance",
+    )
     args = parser.parse_args(argv)
     if args.output_tokens < 2 or min(args.batches) < 1:
         parser.error("need --output-tokens >= 2 and batches >= 1")
@@ -153,14 +167,26 @@ def main(argv: list[str] | None = None) -> int:
     max_batch = max(args.batches)
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.batch_invariant]
     models = {
-        invariant: in_thread(lambda: load_model(args.model, max_batch_size=max_batch,
-                                                max_seq_len=args.prompt_tokens + args.output_tokens + 8,
-                                                quantization=args.quantization, batch_invariant=invariant))
+        invariant: in_thread(
+            lambda invariant=invariant: load_model(
+                args.model,
+                max_batch_size=max_batch,
+                max_seq_len=args.prompt_tokens + args.output_tokens + 8,
+                quantization=args.quantization,
+                batch_invariant=invariant,
+            )
+        )
         for invariant in modes
     }
     first = next(iter(models.values()))
-    report: dict[str, Any] = {"threads": args.threads, "quantization": first.quantization, "prompt_tokens": args.prompt_tokens,
-                              "output_tokens": args.output_tokens, "load_avg": os.getloadavg()[0], "batches": {}}
+    report: dict[str, Any] = {
+        "threads": args.threads,
+        "quantization": first.quantization,
+        "prompt_tokens": args.prompt_tokens,
+        "output_tokens": args.output_tokens,
+        "load_avg": os.getloadavg()[0],
+        "batches": {},
+    }
     warm = prompt_batch(hf_tokenizer, 1, args.prompt_tokens, seed=999)
     for loaded in models.values():
         measure_engine(loaded, max_batch, args.prefill_chunk, warm.tolist(), 4)
@@ -191,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             entry["transformers"] = theirs
             entry["ratio_output"] = ours["output_tok_s"] / theirs["output_tok_s"]
             entry["ratio_decode"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
-            line += (f" {theirs['output_tok_s']:>13.1f} {theirs['decode_tok_s']:>10.1f}"
-                     f" {entry['ratio_output']:>10.2f} {entry['ratio_decode']:>10.2f}")
+            line += (
+                f" {theirs['output_tok_s']:>13.1f} {theirs['decode_tok_s']:>10.1f}"
+                f" {entry['ratio_output']:>10.2f} {entry['ratio_decode']:>10.2f}"
+            )
         print(line, flush=True)
         report["batches"][str(n)] = entry
     print(json.dumps(report))

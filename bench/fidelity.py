@@ -98,13 +98,19 @@ def env_var(name: str, value: str | None) -> Iterator[None]:
                 os.environ[name] = old
 
 
-def load_path(model_path: Path, path: str, *, batch_invariant: bool = True, max_batch_size: int = MAX_BATCH,
-              max_seq_len: int = MAX_SEQ_LEN) -> LoadedModel:
+def load_path(
+    model_path: Path, path: str, *, batch_invariant: bool = True, max_batch_size: int = MAX_BATCH, max_seq_len: int = MAX_SEQ_LEN
+) -> LoadedModel:
     """The model on one numeric path; $LLAMASERVE_DENSE_BF16 is read at load time only."""
     quantization, bf16 = PATHS[path]
     with env_var(quant.DENSE_BF16_ENV, bf16):
-        loaded = load_model(model_path, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                            quantization=quantization, batch_invariant=batch_invariant)
+        loaded = load_model(
+            model_path,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            quantization=quantization,
+            batch_invariant=batch_invariant,
+        )
     if loaded.quantization != quantization:
         raise RuntimeError(f"{path}: asked for quantization {quantization}, got {loaded.quantization}")
     return loaded
@@ -116,8 +122,7 @@ def prefill_logits(model: Any, tokens: list[int], slot: int = 0, chunk: int = CH
     out = []
     for start in range(0, len(tokens), chunk):
         part = tokens[start : start + chunk]
-        logits = model(torch.tensor([part]), torch.arange(start, start + len(part))[None], torch.tensor([slot]),
-                       all_logits=True)
+        logits = model(torch.tensor([part]), torch.arange(start, start + len(part))[None], torch.tensor([slot]), all_logits=True)
         out.append(logits[0])
     return torch.cat(out)
 
@@ -169,8 +174,9 @@ def compare(reference: torch.Tensor, logits: torch.Tensor, tokens: list[int]) ->
 
 
 @torch.inference_mode()
-def decode_crowd(model: Any, target: list[int], forced: list[int] | None, others: list[list[int]], slot: int,
-                 steps: int) -> tuple[list[torch.Tensor], list[int]]:
+def decode_crowd(
+    model: Any, target: list[int], forced: list[int] | None, others: list[list[int]], slot: int, steps: int
+) -> tuple[list[torch.Tensor], list[int]]:
     """Prefill `target` into `slot` and each of `others` into the remaining slots (one prompt per
     forward), then decode all rows together, one token each per forward. The target row is fed
     `forced` (greedy from its own logits when None); the others decode greedily.
@@ -220,10 +226,12 @@ def spread(model: Any, text_tokens: list[int], steps: int = 16, prompt_tokens: i
         prompts = crowd_prompts(text_tokens, others, seed=others, long=others == 7)
         crowd, greedy = decode_crowd(model, target, forced, prompts, slot, steps)
         logit_diff = max(float((a - b).abs().max()) for a, b in zip(alone, crowd))
-        logprob_diff = max(float((torch.log_softmax(a, -1) - torch.log_softmax(b, -1)).abs().max())
-                           for a, b in zip(alone, crowd))
-        result[f"batch_{others + 1}"] = {"max_logit_diff": logit_diff, "max_logprob_diff": logprob_diff,
-                                         "greedy_same": greedy == greedy_alone}
+        logprob_diff = max(float((torch.log_softmax(a, -1) - torch.log_softmax(b, -1)).abs().max()) for a, b in zip(alone, crowd))
+        result[f"batch_{others + 1}"] = {
+            "max_logit_diff": logit_diff,
+            "max_logprob_diff": logprob_diff,
+            "greedy_same": greedy == greedy_alone,
+        }
     return result
 
 
@@ -253,8 +261,10 @@ def machine(threads: int) -> dict[str, Any]:
 
 def print_tables(report: dict[str, Any]) -> None:
     m = report["machine"]
-    print(f"\n{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['cpu_capability']}, "
-          f"native bf16 {m['native_bf16_matmul']}{', env ' + str(m['env']) if m['env'] else ''}")
+    print(
+        f"\n{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['cpu_capability']}, "
+        f"native bf16 {m['native_bf16_matmul']}{', env ' + str(m['env']) if m['env'] else ''}"
+    )
     print(f"text: {report['text_tokens']} tokens; reference: float32 prefill (ppl {report['reference_ppl']:.4f})\n")
     print("| path | mode | tokens | ppl | mean KL | max KL | top-1 agree | max \\|Δ logprob\\| | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -264,8 +274,10 @@ def print_tables(report: dict[str, Any]) -> None:
             continue
         for mode in ("prefill", "decode"):
             r = entry[mode]
-            print(f"| {path} | {mode} | {r['tokens']} | {r['ppl']:.4f} | {r['kl_mean']:.2e} | {r['kl_max']:.2e} | "
-                  f"{r['top1_pct']:.2f}% | {r['max_logprob_diff']:.4f} | {r['seconds']:.1f} |")
+            print(
+                f"| {path} | {mode} | {r['tokens']} | {r['ppl']:.4f} | {r['kl_mean']:.2e} | {r['kl_max']:.2e} | "
+                f"{r['top1_pct']:.2f}% | {r['max_logprob_diff']:.4f} | {r['seconds']:.1f} |"
+            )
     if not any("spread" in entry for entry in report["paths"].values()):
         return
     print(f"\nSpread of one prompt's {report['steps']} greedy decode steps over batch compositions (vs alone, batch 1):\n")
@@ -274,15 +286,18 @@ def print_tables(report: dict[str, Any]) -> None:
     for path, entry in report["paths"].items():
         for invariant, crowds in entry.get("spread", {}).items():
             for batch, r in crowds.items():
-                print(f"| {path} | {invariant} | {batch.removeprefix('batch_')} | {r['max_logit_diff']:.3g} | "
-                      f"{r['max_logprob_diff']:.3g} | {'yes' if r['greedy_same'] else 'NO'} |")
+                print(
+                    f"| {path} | {invariant} | {batch.removeprefix('batch_')} | {r['max_logit_diff']:.3g} | "
+                    f"{r['max_logprob_diff']:.3g} | {'yes' if r['greedy_same'] else 'NO'} |"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
-                        help="float32 (the reference) always runs first")
+    parser.add_argument(
+        "--paths", nargs="+", choices=list(PATHS), default=list(PATHS), help="float32 (the reference) always runs first"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--text", type=Path, default=TEXT)
     parser.add_argument("--decode-tokens", type=int, default=0, help="decode only the first N tokens (0: all)")
@@ -296,8 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     paths = ["float32"] + [p for p in args.paths if p != "float32"]
 
-    report: dict[str, Any] = {"machine": machine(args.threads), "model": str(args.model), "chunk": args.chunk,
-                              "steps": args.steps, "paths": {}}
+    report: dict[str, Any] = {
+        "machine": machine(args.threads),
+        "model": str(args.model),
+        "chunk": args.chunk,
+        "steps": args.steps,
+        "paths": {},
+    }
     reference: torch.Tensor | None = None
     tokens: list[int] = []
     for path in paths:
@@ -327,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         entry["decode"] = compare(reference[: len(decoded)], decode, decoded) | {"seconds": seconds}
         del decode
-        print(f"{path}: prefill KL {entry['prefill']['kl_mean']:.2e}, decode KL {entry['decode']['kl_mean']:.2e}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{path}: prefill KL {entry['prefill']['kl_mean']:.2e}, decode KL {entry['decode']['kl_mean']:.2e}",
+            file=sys.stderr,
+            flush=True,
+        )
         if not args.skip_spread:
             entry["spread"] = {"on": spread(loaded.model, tokens, args.steps)}
             del loaded

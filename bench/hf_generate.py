@@ -91,8 +91,13 @@ def prompt_batch(tokenizer: PreTrainedTokenizerBase, batch: int, num_tokens: int
 @torch.inference_mode()
 def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, streamer: BaseStreamer | None = None) -> torch.Tensor:
     return model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, streamer=streamer, pad_token_id=model.config.eos_token_id,
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        streamer=streamer,
+        pad_token_id=model.config.eos_token_id,
     )
 
 
@@ -103,8 +108,7 @@ def measure_stream(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -
     times = streamer.times
     if len(times) != new_tokens:
         raise RuntimeError(f"asked for {new_tokens} tokens, the streamer saw {len(times)}")
-    return {"ttft_s": times[0] - start, "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
-            "e2e_s": times[-1] - start}
+    return {"ttft_s": times[0] - start, "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]), "e2e_s": times[-1] - start}
 
 
 def measure_batch(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
@@ -119,15 +123,22 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def run(path: Path, *, threads: int, batches: list[int], prompt_tokens: int, output_tokens: int,
-        repeats: int, seed: int = 0) -> dict[str, Any]:
+def run(
+    path: Path, *, threads: int, batches: list[int], prompt_tokens: int, output_tokens: int, repeats: int, seed: int = 0
+) -> dict[str, Any]:
     """All measurements for one model; each entry holds the medians and the individual runs."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
     model, tokenizer = load(path)
-    report: dict[str, Any] = {"label": "transformers", "threads": threads, "prompt_tokens": prompt_tokens,
-                              "output_tokens": output_tokens, "repeats": repeats,
-                              "load_s": time.perf_counter() - started, "batches": {}}
+    report: dict[str, Any] = {
+        "label": "transformers",
+        "threads": threads,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "repeats": repeats,
+        "load_s": time.perf_counter() - started,
+        "batches": {},
+    }
     generate(model, prompt_batch(tokenizer, 1, prompt_tokens, seed), 4)  # warm-up
     for batch in batches:
         runs = []
@@ -156,8 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.batch) < 1 or args.prompt_tokens < 1 or args.output_tokens < 2 or args.repeats < 1:
         print("hf_generate: batch, prompt-tokens, repeats must be >= 1 and output-tokens >= 2", file=sys.stderr)
         return 2
-    report = run(model_path, threads=args.threads, batches=args.batch, prompt_tokens=args.prompt_tokens,
-                 output_tokens=args.output_tokens, repeats=args.repeats, seed=args.seed)
+    report = run(
+        model_path,
+        threads=args.threads,
+        batches=args.batch,
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        repeats=args.repeats,
+        seed=args.seed,
+    )
     for batch, entry in report["batches"].items():
         m = entry["median"]
         if batch == "1":

@@ -283,16 +283,20 @@ def format_report(report: dict[str, Any]) -> str:
     """A plain-text table of one report."""
     w = report["workload"]
     lines = [
-        f"== {report['label']}: concurrency {w['concurrency']}, prompt {w['prompt_tokens']}, "
-        f"output {w['output_tokens']} tokens",
+        f"== {report['label']}: concurrency {w['concurrency']}, prompt {w['prompt_tokens']}, output {w['output_tokens']} tokens",
         f"requests {report['requests']}  completed {report['completed']}  errors {report['errors']}  "
         f"short outputs {report['short_outputs']}  tokens from {','.join(report['token_source']) or '-'}",
         f"duration {report['duration_s']:.2f} s  output {report['output_tokens']} tokens  "
         f"{report['output_tok_s']:.1f} tok/s  {report['requests_s']:.2f} req/s",
         f"{'':18}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}",
     ]
-    rows = [("TTFT (ms)", "ttft_ms"), ("ITL (ms)", "itl_ms"), ("TPOT (ms)", "tpot_ms"),
-            ("E2E (s)", "e2e_s"), ("decode tok/s/req", "decode_tok_s")]
+    rows = [
+        ("TTFT (ms)", "ttft_ms"),
+        ("ITL (ms)", "itl_ms"),
+        ("TPOT (ms)", "tpot_ms"),
+        ("E2E (s)", "e2e_s"),
+        ("decode tok/s/req", "decode_tok_s"),
+    ]
     for title, key in rows:
         d = report[key]
         lines.append(f"{title:18}" + "".join(format_number(d[k]) for k in ("mean", "p50", "p90", "p99")))
@@ -312,8 +316,13 @@ async def served_model(base_url: str, timeout: float = 10.0) -> str:
 
 
 async def measure(
-    base_url: str, workload: Workload, *, label: str = "", model: str | None = None,
-    timeout: float = 600.0, warmup: int = 1,
+    base_url: str,
+    workload: Workload,
+    *,
+    label: str = "",
+    model: str | None = None,
+    timeout: float = 600.0,
+    warmup: int = 1,
 ) -> dict[str, Any]:
     """Run one workload against one server and return its report (the runner's entry point)."""
     model = model or await served_model(base_url)
@@ -343,12 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         workload = Workload(
-            num_requests=args.num_requests, concurrency=args.concurrency, prompt_tokens=args.prompt_tokens,
-            output_tokens=args.output_tokens, seed=args.seed, ignore_eos=not args.no_ignore_eos,
+            num_requests=args.num_requests,
+            concurrency=args.concurrency,
+            prompt_tokens=args.prompt_tokens,
+            output_tokens=args.output_tokens,
+            seed=args.seed,
+            ignore_eos=not args.no_ignore_eos,
             temperature=args.temperature,
         )
-        report = asyncio.run(measure(args.base_url, workload, label=args.label, model=args.model,
-                                     timeout=args.timeout, warmup=args.warmup))
+        report = asyncio.run(
+            measure(args.base_url, workload, label=args.label, model=args.model, timeout=args.timeout, warmup=args.warmup)
+        )
     except (ValueError, RuntimeError, httpx.HTTPError) as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return 2

@@ -73,8 +73,11 @@ def check_quiet(what: str, max_busy: float, wait_s: float = 0.0) -> dict[str, fl
         load = machine_load()
     busy = load["cpu_busy"]
     if busy is not None and busy > max_busy:
-        print(f"WARNING before {what}: CPU {busy:.0%} busy (load average {load['loadavg_1m']:.2f}); "
-              "other work on this machine will lower every number", file=sys.stderr)
+        print(
+            f"WARNING before {what}: CPU {busy:.0%} busy (load average {load['loadavg_1m']:.2f}); "
+            "other work on this machine will lower every number",
+            file=sys.stderr,
+        )
     return load
 
 
@@ -84,8 +87,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(base_url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float,
-               ready_path: str = "/v1/models") -> None:
+def wait_ready(base_url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float, ready_path: str = "/v1/models") -> None:
     """Poll GET ready_path until it answers 200; fail with the server's log if it exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,8 +122,9 @@ class Served:
 
 
 @contextmanager
-def server(name: str, cmd: list[str], port: int, env: dict[str, str], ready_timeout: float,
-           ready_path: str = "/v1/models") -> Iterator[Served]:
+def server(
+    name: str, cmd: list[str], port: int, env: dict[str, str], ready_timeout: float, ready_path: str = "/v1/models"
+) -> Iterator[Served]:
     """Start a server process, yield it once GET ready_path answers 200, stop it (by its own pid) afterwards."""
     log = Path(tempfile.gettempdir()) / f"run_peers-{name}-{port}.log"
     print(f"starting {name}: {' '.join(cmd)}  (log: {log})")
@@ -169,8 +172,9 @@ def measure_server(served: Served, args: argparse.Namespace) -> dict[str, Any]:
             load = check_quiet(f"{name} {key} #{rep + 1}", args.max_busy, args.wait_quiet)
             # A different seed per repetition: fresh prompts, no prefix-cache hits across repetitions.
             w = replace(workload, seed=workload.seed + rep)
-            report = asyncio.run(loadgen.measure(base_url, w, label=f"{name} {key} #{rep + 1}",
-                                                 timeout=args.request_timeout, warmup=1))
+            report = asyncio.run(
+                loadgen.measure(base_url, w, label=f"{name} {key} #{rep + 1}", timeout=args.request_timeout, warmup=1)
+            )
             report["machine_before"] = load
             print(loadgen.format_report(report))
             served.check_alive()  # a crash shows up as connection errors: say what really happened
@@ -203,10 +207,28 @@ def run_transformers(args: argparse.Namespace) -> dict[str, Any]:
     load = check_quiet("transformers", args.max_busy, args.wait_quiet)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
-    cmd = [sys.executable, "-m", "bench.hf_generate", "--model", str(args.model), "--threads", str(args.threads),
-           "--batch", "1", str(args.hf_batch), "--prompt-tokens", str(args.prompt_tokens[0]),
-           "--output-tokens", str(args.output_tokens[0]), "--repeats", str(args.repeats), "--seed", str(args.seed),
-           "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.hf_generate",
+        "--model",
+        str(args.model),
+        "--threads",
+        str(args.threads),
+        "--batch",
+        "1",
+        str(args.hf_batch),
+        "--prompt-tokens",
+        str(args.prompt_tokens[0]),
+        "--output-tokens",
+        str(args.output_tokens[0]),
+        "--repeats",
+        str(args.repeats),
+        "--seed",
+        str(args.seed),
+        "--json",
+        str(out),
+    ]
     print(f"running transformers: {' '.join(cmd)}")
     done = subprocess.run(cmd, env=torch_env(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
@@ -224,9 +246,25 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     if args.ours_url:
         return measure_server(Served("ours", args.ours_url.rstrip("/")), args)
     port = free_port()
-    cmd = [sys.executable, "-m", "app", "--model", str(args.model), "--host", "127.0.0.1", "--port", str(port),
-           "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-           "--max-seq-len", str(args.max_seq_len), "--quantization", args.quantization]
+    cmd = [
+        sys.executable,
+        "-m",
+        "app",
+        "--model",
+        str(args.model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--threads",
+        str(args.threads),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-seq-len",
+        str(args.max_seq_len),
+        "--quantization",
+        args.quantization,
+    ]
     with server("ours", cmd, port, torch_env(args), args.ready_timeout) as served:
         return measure_server(served, args)
 
@@ -235,8 +273,9 @@ def llamacpp_version(python: str) -> str:
     """llama-cpp-python's version in that interpreter; RuntimeError saying why it cannot serve."""
     if not Path(python).exists():
         raise RuntimeError(f"{python} does not exist")
-    probe = subprocess.run([python, "-c", "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [python, "-c", "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         raise RuntimeError(f"{python} cannot import llama_cpp.server: {probe.stderr.strip().splitlines()[-1:]}")
     return probe.stdout.strip()
@@ -246,8 +285,9 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.llamacpp_url:
         return measure_server(Served("llama.cpp", args.llamacpp_url.rstrip("/")), args)
     if not args.llamacpp_python:
-        print("SKIP llama.cpp: pass --llamacpp-python PATH (python of a venv with llama-cpp-python[server]) "
-              "or --llamacpp-url URL")
+        print(
+            "SKIP llama.cpp: pass --llamacpp-python PATH (python of a venv with llama-cpp-python[server]) or --llamacpp-url URL"
+        )
         return None
     try:
         llamacpp = llamacpp_version(args.llamacpp_python)
@@ -255,11 +295,26 @@ def run_llamacpp(args: argparse.Namespace) -> dict[str, Any] | None:
         print(f"SKIP llama.cpp: {exc}")
         return None
     port = free_port()
-    cmd = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", str(args.model), "--host", "127.0.0.1",
-           "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-           "--n_ctx", str(args.max_seq_len),
-           # By default each new request cuts the running stream short; queue them instead.
-           "--interrupt_requests", "false"]
+    cmd = [
+        args.llamacpp_python,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(args.model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_threads",
+        str(args.threads),
+        "--n_threads_batch",
+        str(args.threads),
+        "--n_ctx",
+        str(args.max_seq_len),
+        # By default each new request cuts the running stream short; queue them instead.
+        "--interrupt_requests",
+        "false",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     with server("llama.cpp", cmd, port, env, args.ready_timeout) as served:
         return {**measure_server(served, args), "version": llamacpp}
@@ -286,8 +341,7 @@ def run_llama_server(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.llama_server_url:
         return measure_server(Served("llama-server", args.llama_server_url.rstrip("/")), args)
     if not args.llama_server:
-        print("SKIP llama-server: pass --llama-server PATH (llama.cpp's native llama-server binary) "
-              "or --llama-server-url URL")
+        print("SKIP llama-server: pass --llama-server PATH (llama.cpp's native llama-server binary) or --llama-server-url URL")
         return None
     try:
         build = llama_server_version(args.llama_server)
@@ -296,9 +350,23 @@ def run_llama_server(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     port = free_port()
     # -c is the KV cache of all slots together: each of the -np slots gets c / np tokens.
-    cmd = [args.llama_server, "-m", str(args.model), "--host", "127.0.0.1", "--port", str(port),
-           "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.concurrency),
-           "-c", str(args.concurrency * args.max_seq_len)]
+    cmd = [
+        args.llama_server,
+        "-m",
+        str(args.model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(args.threads),
+        "-tb",
+        str(args.threads),
+        "-np",
+        str(args.concurrency),
+        "-c",
+        str(args.concurrency * args.max_seq_len),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     # llama-server's readiness check: /health answers 503 while the model loads, 200 once it can serve.
     with server("llama-server", cmd, port, env, args.ready_timeout, ready_path="/health") as served:
@@ -324,24 +392,49 @@ def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str,
     ours, hf = results.get("ours"), results.get("transformers")
     rows: list[dict[str, Any]] = []
 
-    def add(name: str, ours_value: float | None, peer_value: float | None, target: str | None,
-            passed: bool | None, issues: list[str] | None = None) -> None:
+    def add(
+        name: str,
+        ours_value: float | None,
+        peer_value: float | None,
+        target: str | None,
+        passed: bool | None,
+        issues: list[str] | None = None,
+    ) -> None:
         if issues and passed:
             passed = False
-        rows.append({"comparison": name, "ours": ours_value, "peer": peer_value,
-                     "ratio": ratio(ours_value, peer_value), "target": target, "pass": passed,
-                     "problems": issues or []})
+        rows.append(
+            {
+                "comparison": name,
+                "ours": ours_value,
+                "peer": peer_value,
+                "ratio": ratio(ours_value, peer_value),
+                "target": target,
+                "pass": passed,
+                "problems": issues or [],
+            }
+        )
 
     if ours and hf:
         ours_decode = ours["c1"]["median"]["decode_tok_s_p50"]
         hf_decode = hf["batches"]["1"]["median"]["decode_tok_s"]
         r = ratio(ours_decode, hf_decode)
-        add("batch-1 streaming decode tok/s: ours HTTP / transformers generate", ours_decode, hf_decode,
-            ">= 3x", r is not None and r >= 3, problems(ours, "c1", "ours"))
+        add(
+            "batch-1 streaming decode tok/s: ours HTTP / transformers generate",
+            ours_decode,
+            hf_decode,
+            ">= 3x",
+            r is not None and r >= 3,
+            problems(ours, "c1", "ours"),
+        )
         hf_n = hf["batches"].get(str(args.hf_batch))
         if hf_n:
-            add(f"output tok/s: ours {cn} HTTP / transformers generate batch {args.hf_batch}",
-                ours[cn]["median"]["output_tok_s"], hf_n["median"]["output_tok_s"], None, None)
+            add(
+                f"output tok/s: ours {cn} HTTP / transformers generate batch {args.hf_batch}",
+                ours[cn]["median"]["output_tok_s"],
+                hf_n["median"]["output_tok_s"],
+                None,
+                None,
+            )
     # The issue's targets are against llama.cpp's server; both of its servers are held to them.
     for key, title in (("llama.cpp", "llama-cpp-python server"), ("llama-server", "llama.cpp llama-server")):
         llama = results.get(key)
@@ -353,8 +446,13 @@ def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str,
         add(f"aggregate output tok/s, {cn}: ours / {title}", o, p, ">= 2x", r is not None and r >= 2, issues)
         o, p = ours[cn]["median"]["ttft_p50_ms"], llama[cn]["median"]["ttft_p50_ms"]
         add(f"TTFT p50 ms, {cn}: ours / {title}", o, p, "< 1x", None if o is None or p is None else o < p, issues)
-        add(f"batch-1 streaming decode tok/s: ours / {title}", ours["c1"]["median"]["decode_tok_s_p50"],
-            llama["c1"]["median"]["decode_tok_s_p50"], None, None)
+        add(
+            f"batch-1 streaming decode tok/s: ours / {title}",
+            ours["c1"]["median"]["decode_tok_s_p50"],
+            llama["c1"]["median"]["decode_tok_s_p50"],
+            None,
+            None,
+        )
     return rows
 
 
@@ -366,8 +464,10 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         verdict = "" if row["pass"] is None else ("PASS" if row["pass"] else "FAIL")
         target = f"target {row['target']}" if row["target"] else ""
-        lines.append(f"{row['comparison']}: {num(row['ours'])} vs {num(row['peer'])} -> "
-                     f"ratio {num(row['ratio'])} {target} {verdict}".rstrip())
+        lines.append(
+            f"{row['comparison']}: {num(row['ours'])} vs {num(row['peer'])} -> "
+            f"ratio {num(row['ratio'])} {target} {verdict}".rstrip()
+        )
         lines += [f"    not comparable: {issue}" for issue in row["problems"]]
     if not rows:
         lines.append("(nothing to compare: ours and at least one peer must have run)")
@@ -387,25 +487,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-batch", type=int, default=32, help="transformers batch size besides 1")
     p.add_argument("--max-batch-size", type=int, default=32, help="our server's --max-batch-size")
     p.add_argument("--quantization", choices=["auto", "none", "int4"], default="auto", help="our --quantization")
-    p.add_argument("--max-seq-len", type=int, default=1024,
-                   help="our --max-seq-len, llama-cpp-python's --n_ctx and llama-server's context per slot")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=1024,
+        help="our --max-seq-len, llama-cpp-python's --n_ctx and llama-server's context per slot",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peers", nargs="+", default=["transformers", "ours", "llama.cpp", "llama-server"],
-                   choices=["transformers", "ours", "llama.cpp", "llama-server"],
-                   help="llama.cpp: llama-cpp-python's server; llama-server: llama.cpp's native server")
+    p.add_argument(
+        "--peers",
+        nargs="+",
+        default=["transformers", "ours", "llama.cpp", "llama-server"],
+        choices=["transformers", "ours", "llama.cpp", "llama-server"],
+        help="llama.cpp: llama-cpp-python's server; llama-server: llama.cpp's native server",
+    )
     p.add_argument("--ours-url", default=None, help="measure this running server instead of starting one")
     p.add_argument("--llamacpp-python", default=None, help="python of a venv with llama-cpp-python[server]")
     p.add_argument("--llamacpp-url", default=None, help="measure this running llama-cpp-python server instead")
-    p.add_argument("--llama-server", default=None,
-                   help="llama.cpp's native llama-server binary, started with --concurrency slots")
+    p.add_argument(
+        "--llama-server", default=None, help="llama.cpp's native llama-server binary, started with --concurrency slots"
+    )
     p.add_argument("--llama-server-url", default=None, help="measure this running llama-server instead")
-    p.add_argument("--omp-wait-policy", default="unset", choices=["PASSIVE", "ACTIVE", "unset"],
-                   help="OMP_WAIT_POLICY of the PyTorch processes; unset: each keeps its own default (our server: a short GOMP_SPINCOUNT)")
+    p.add_argument(
+        "--omp-wait-policy",
+        default="unset",
+        choices=["PASSIVE", "ACTIVE", "unset"],
+        help="OMP_WAIT_POLICY of the PyTorch processes; unset: each keeps its own default (our server: a short GOMP_SPINCOUNT)",
+    )
     p.add_argument("--max-busy", type=float, default=0.15, help="warn when the CPU is busier than this before a run")
-    p.add_argument("--wait-quiet", type=float, default=0.0,
-                   help="before each measurement, wait up to this many seconds for the CPU to go quiet")
-    p.add_argument("--max-load", type=float, default=0.5,
-                   help="warn when the 1-minute load average is above this before the run starts")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="before each measurement, wait up to this many seconds for the CPU to go quiet",
+    )
+    p.add_argument(
+        "--max-load", type=float, default=0.5, help="warn when the 1-minute load average is above this before the run starts"
+    )
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--request-timeout", type=float, default=1800.0)
     p.add_argument("--json", default=None, help="write every report, the ratios and the machine state here")
@@ -423,15 +541,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results: dict[str, Any] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "versions": {pkg: version(pkg) for pkg in ("torch", "transformers", "httpx")},
-                    **machine_load(0.5)},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "versions": {pkg: version(pkg) for pkg in ("torch", "transformers", "httpx")},
+            **machine_load(0.5),
+        },
     }
     if results["machine"]["loadavg_1m"] > args.max_load:
-        print(f"WARNING: load average {results['machine']['loadavg_1m']:.2f} before the run (other work on "
-              "this machine); measure on a quiet machine", file=sys.stderr)
-    runners = {"transformers": run_transformers, "ours": run_ours, "llama.cpp": run_llamacpp,
-               "llama-server": run_llama_server}
+        print(
+            f"WARNING: load average {results['machine']['loadavg_1m']:.2f} before the run (other work on "
+            "this machine); measure on a quiet machine",
+            file=sys.stderr,
+        )
+    runners = {"transformers": run_transformers, "ours": run_ours, "llama.cpp": run_llamacpp, "llama-server": run_llama_server}
     for peer in args.peers:
         try:
             results[peer] = runners[peer](args)

@@ -51,8 +51,16 @@ class TimedModel:
         return out
 
 
-TOPICS = ["the history of Rome", "how bread is baked", "the water cycle", "why the sky is blue",
-          "the rules of chess", "how a bicycle works", "the life of bees", "the first moon landing"]
+TOPICS = [
+    "the history of Rome",
+    "how bread is baked",
+    "the water cycle",
+    "why the sky is blue",
+    "the rules of chess",
+    "how a bicycle works",
+    "the life of bees",
+    "the first moon landing",
+]
 
 
 def prompts_for(tokenizer: Any, n: int, prompt_tokens: int) -> list[list[int]]:
@@ -68,8 +76,9 @@ async def run(engine: Engine, prompts: list[list[int]], output_tokens: int, samp
     from app.engine import GenerationRequest
 
     start = time.perf_counter()
-    handles = [engine.submit(GenerationRequest(p, sampling, max_tokens=output_tokens, ignore_eos=True, stop=["\n\n\n"]))
-               for p in prompts]
+    handles = [
+        engine.submit(GenerationRequest(p, sampling, max_tokens=output_tokens, ignore_eos=True, stop=["\n\n\n"])) for p in prompts
+    ]
     for handle in handles:
         async for _ in handle:
             pass
@@ -95,8 +104,11 @@ def main() -> None:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=0)
     warn_if_busy(args.threads)
     n = args.concurrency
-    loaded = in_thread(lambda: load_model(args.model, max_batch_size=n, max_seq_len=args.prompt_tokens + args.output_tokens + 8,
-                                       quantization=args.quantization))
+    loaded = in_thread(
+        lambda: load_model(
+            args.model, max_batch_size=n, max_seq_len=args.prompt_tokens + args.output_tokens + 8, quantization=args.quantization
+        )
+    )
     timed = TimedModel(loaded.model)
     engine = Engine(timed, loaded.tokenizer, max_batch_size=n, max_seq_len=loaded.model.max_seq_len)
     engine.start()
@@ -110,9 +122,12 @@ def main() -> None:
     finally:
         engine.shutdown()
     forward = sum(timed.forward_s)
-    print(f"concurrency {n}, temperature {args.temperature}, top_p {args.top_p}: {steps} steps in {wall:.2f} s ({wall / steps * 1000:.1f} ms/step), "
-          f"forward {forward:.2f} s, everything else {wall - forward:.2f} s "
-          f"= {(wall - forward) / wall * 100:.1f}% of the time (target <= 10%)")
+    print(
+        f"concurrency {n}, temperature {args.temperature}, top_p {args.top_p}: "
+        f"{steps} steps in {wall:.2f} s ({wall / steps * 1000:.1f} ms/step), "
+        f"forward {forward:.2f} s, everything else {wall - forward:.2f} s "
+        f"= {(wall - forward) / wall * 100:.1f}% of the time (target <= 10%)"
+    )
 
 
 if __name__ == "__main__":

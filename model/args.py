@@ -117,9 +117,7 @@ class ModelArgs:
         return cls(**values)
 
     @classmethod
-    def from_gguf_metadata(
-        cls, source: Any, *, tensor_names: Iterable[str] | None = None, **overrides: Any
-    ) -> "ModelArgs":
+    def from_gguf_metadata(cls, source: Any, *, tensor_names: Iterable[str] | None = None, **overrides: Any) -> "ModelArgs":
         """GGUF metadata of architecture `llama` or `qwen2`.
 
         `source` is a `gguf.GGUFReader`, its `.fields`, or a plain {key: value} dict. The head is tied

@@ -80,8 +80,15 @@ def load_model(
     """
     path = Path(path)
     weights = load_weights(
-        path, device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-        cache_dir=cache_dir, cache_weights=cache_weights, quantization=quantization, batch_invariant=batch_invariant,
+        path,
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        max_seq_len=max_seq_len,
+        cache_dir=cache_dir,
+        cache_weights=cache_weights,
+        quantization=quantization,
+        batch_invariant=batch_invariant,
     )
     try:
         if weights.gguf_reader is not None:
@@ -192,7 +199,9 @@ def check_state_dict(expected: dict[str, tuple[int, ...]], found: dict[str, tupl
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+        raise CheckpointError(
+            f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")
+        )
     for name, shape in expected.items():
         if found[name] != shape:
             raise CheckpointError(f"{source}: tensor {name} has shape {list(found[name])}, expected {list(shape)}")

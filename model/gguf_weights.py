@@ -166,8 +166,13 @@ def cache_file(gguf_path: Path, cache_dir: Path) -> Path:
     return cache_dir / "converted" / name
 
 
-def write_cache(target: Path, prefix: str, shapes: dict[str, tuple[int, ...]], tensors: Iterator[tuple[str, torch.Tensor]],
-                metadata: dict[str, str]) -> None:
+def write_cache(
+    target: Path,
+    prefix: str,
+    shapes: dict[str, tuple[int, ...]],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    metadata: dict[str, str],
+) -> None:
     """Stream fp32 tensors into a safetensors file (header first, then data), then rename atomically.
 
     Streaming keeps only one dequantised tensor in memory at a time. Older entries for the same GGUF
@@ -252,7 +257,7 @@ def read_cached(gguf_path: Path, cache_dir: Path) -> tuple[dict[str, torch.Tenso
         state, metadata = read_cache(target)
         args = args_from_json(metadata["args"])
         reader = CachedReader(json.loads(metadata["gguf_fields"]), json.loads(metadata["tensor_names"]))
-    except Exception as e:  # a damaged entry is rebuilt, never fatal
+    except Exception as e:  # noqa: BLE001 - a damaged entry is rebuilt, never fatal
         log.warning("ignoring unreadable weight cache %s: %s", target, e)
         target.unlink(missing_ok=True)
         return None

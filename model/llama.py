@@ -168,13 +168,13 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def check_inputs(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None
-    ) -> int:
+    def check_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None) -> int:
         """The kv_len to use; bad input is an error here, not an index error deep in the cache or,
         worse (kv_len too small), queries that silently miss their own keys."""
         if tokens.dim() != 2 or tokens.shape != positions.shape or tokens.numel() == 0:
-            raise ValueError(f"tokens {list(tokens.shape)} and positions {list(positions.shape)} must be the same (B, T) shape, T >= 1")
+            raise ValueError(
+                f"tokens {list(tokens.shape)} and positions {list(positions.shape)} must be the same (B, T) shape, T >= 1"
+            )
         if slots is not None and slots.shape != positions.shape[:1]:
             raise ValueError(f"slots {list(slots.shape)} must be one per row ({positions.shape[0]})")
         if positions.device.type != "cpu":  # value checks would cost a device sync every step

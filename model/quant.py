@@ -96,8 +96,10 @@ def resolve_quantization(requested: str, device: str | torch.device, gguf_file_t
     if requested == "int4" and not on_cpu:
         raise ValueError(f"quantization int4 runs on CPU only, not on {device}")
     if requested == "int4" and not int4_kernel_available():
-        raise ValueError(f"quantization int4 needs torch >= 2.6 and a CPU with AVX2 or AVX-512 "
-                         f"(torch {torch.__version__} reports {cpu_capability()})")
+        raise ValueError(
+            f"quantization int4 needs torch >= 2.6 and a CPU with AVX2 or AVX-512 "
+            f"(torch {torch.__version__} reports {cpu_capability()})"
+        )
     return requested
 
 
@@ -164,8 +166,10 @@ class Int4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}, "
-                f"max_rows={self.max_rows}, dense={self.weight.dtype}, batch_invariant={self.batch_invariant}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}, "
+            f"max_rows={self.max_rows}, dense={self.weight.dtype}, batch_invariant={self.batch_invariant}"
+        )
 
 
 def fits_kernel(linear: nn.Linear) -> bool:

@@ -92,7 +92,9 @@ def validate_sampling(params: SamplingParams, vocab_size: int) -> None:
         raise SamplingParamError(f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
     for token_id, bias in params.logit_bias.items():
         if not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-            raise SamplingParamError(f"logit_bias token id {token_id} is not in the vocabulary (0..{vocab_size - 1})", "logit_bias")
+            raise SamplingParamError(
+                f"logit_bias token id {token_id} is not in the vocabulary (0..{vocab_size - 1})", "logit_bias"
+            )
         if not _finite_number(bias) or not -100.0 <= bias <= 100.0:
             raise SamplingParamError(f"logit_bias value for token {token_id} must be in [-100, 100]", "logit_bias")
 
@@ -199,7 +201,9 @@ class Sampler:
         x = self._penalised(logits, index, params, suppress)
         return x if all(p.greedy for p in params) else self._filtered(x, index, params)
 
-    def _penalised(self, logits: torch.Tensor, index: torch.Tensor, params: list[SamplingParams], suppress: Sequence[bool] | None) -> torch.Tensor:
+    def _penalised(
+        self, logits: torch.Tensor, index: torch.Tensor, params: list[SamplingParams], suppress: Sequence[bool] | None
+    ) -> torch.Tensor:
         x = logits
         if any(p.logit_bias for p in params):
             x = x + self.bias[index]
@@ -242,9 +246,7 @@ class Sampler:
         while pending:
             candidates, rows = pending.popitem()
             at = torch.tensor(rows, device=x.device)
-            found, undecided = self._threshold(
-                x[at], index[at], candidates, None if full_norm is None else full_norm[at]
-            )
+            found, undecided = self._threshold(x[at], index[at], candidates, None if full_norm is None else full_norm[at])
             threshold[at] = found
             retry = at[undecided].tolist()
             if retry:  # usually one or two rows: only they pay for the larger topk
@@ -298,9 +300,7 @@ class Sampler:
         target = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
         return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
-    def _logprobs_of(
-        self, logits: torch.Tensor, wanted: list[int | None]
-    ) -> Callable[[list[int]], list[TokenLogprob | None]]:
+    def _logprobs_of(self, logits: torch.Tensor, wanted: list[int | None]) -> Callable[[list[int]], list[TokenLogprob | None]]:
         """log_softmax of the raw logits; returns a function of the chosen ids -> per-row TokenLogprob."""
         logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)
         k = min(max(w or 0 for w in wanted), logp.shape[-1])  # a toy vocabulary may be smaller than k

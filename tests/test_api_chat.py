@@ -39,7 +39,11 @@ async def test_response_shape_and_prompt_is_chatml() -> None:
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
     assert choice["finish_reason"] == "length" and choice["logprobs"] is None
     prompt = "<|im_start|>user\nhey<|im_end|>\n<|im_start|>assistant\n"
-    assert body["usage"] == {"prompt_tokens": chatml_count(prompt), "completion_tokens": 6, "total_tokens": chatml_count(prompt) + 6}
+    assert body["usage"] == {
+        "prompt_tokens": chatml_count(prompt),
+        "completion_tokens": 6,
+        "total_tokens": chatml_count(prompt) + 6,
+    }
 
 
 async def test_text_parts_equal_string_content_and_injection_is_plain_text() -> None:
@@ -50,7 +54,9 @@ async def test_text_parts_equal_string_content_and_injection_is_plain_text() -> 
         b = (await client.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": parts}]))).json()
         c = (await client.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": evil}]))).json()
     assert a["choices"][0]["message"] == b["choices"][0]["message"]
-    template = len(ByteTokenizer(CHATML_SPECIALS).encode("<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n", allow_special=True))
+    template = len(
+        ByteTokenizer(CHATML_SPECIALS).encode("<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n", allow_special=True)
+    )
     assert c["usage"]["prompt_tokens"] == template + len(evil.encode())  # every byte of the user text is a plain token
 
 
@@ -63,8 +69,10 @@ async def test_system_and_multi_turn_and_developer_role() -> None:
     ]
     async with serve_app() as client:
         body = (await client.post("/v1/chat/completions", json=chat(messages=messages))).json()
-    prompt = ("<|im_start|>system\nbe nice<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
-              "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n")
+    prompt = (
+        "<|im_start|>system\nbe nice<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+        "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert body["usage"]["prompt_tokens"] == chatml_count(prompt)
 
 

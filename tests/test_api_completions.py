@@ -44,7 +44,8 @@ async def test_n_and_prompt_list_index_is_prompt_times_n_plus_i() -> None:
     prompts = ["Hi", "The cat"]
     async with serve_app() as client:
         r = await client.post(
-            "/v1/completions", json=completion(prompt=prompts, n=2, echo=True, max_tokens=3, ignore_eos=True, temperature=1.0, seed=1)
+            "/v1/completions",
+            json=completion(prompt=prompts, n=2, echo=True, max_tokens=3, ignore_eos=True, temperature=1.0, seed=1),
         )
     body = r.json()
     assert sorted(c["index"] for c in body["choices"]) == [0, 1, 2, 3]
@@ -80,7 +81,9 @@ async def test_echo_with_prompt_logprobs_and_max_tokens_zero() -> None:
 
 async def test_echo_logprobs_then_generation_offsets_continue() -> None:
     async with serve_app() as client:
-        body = (await client.post("/v1/completions", json=completion(echo=True, logprobs=1, max_tokens=4, ignore_eos=True))).json()
+        body = (
+            await client.post("/v1/completions", json=completion(echo=True, logprobs=1, max_tokens=4, ignore_eos=True))
+        ).json()
     lp = body["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == 5 + 4
     assert lp["text_offset"][:6] == [0, 1, 2, 3, 4, 5]  # generation starts right after the echoed prompt
@@ -89,7 +92,9 @@ async def test_echo_logprobs_then_generation_offsets_continue() -> None:
 
 async def test_logprobs_shape_top_includes_chosen_token() -> None:
     async with serve_app() as client:
-        body = (await client.post("/v1/completions", json=completion(logprobs=3, temperature=1.0, seed=3, ignore_eos=True))).json()
+        body = (
+            await client.post("/v1/completions", json=completion(logprobs=3, temperature=1.0, seed=3, ignore_eos=True))
+        ).json()
     lp = body["choices"][0]["logprobs"]
     assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 8
@@ -100,9 +105,13 @@ async def test_logprobs_shape_top_includes_chosen_token() -> None:
 
 async def test_stop_string_is_excluded_and_finishes_with_stop() -> None:
     async with serve_app() as client:
-        free = (await client.post("/v1/completions", json=completion(max_tokens=16, ignore_eos=True))).json()["choices"][0]["text"]
+        free = (await client.post("/v1/completions", json=completion(max_tokens=16, ignore_eos=True))).json()["choices"][0][
+            "text"
+        ]
         stop = next(ch for ch in free[2:] if ch.isascii() and ch.isalnum())
-        stopped = (await client.post("/v1/completions", json=completion(max_tokens=16, ignore_eos=True, stop=[stop, "zzzz"]))).json()
+        stopped = (
+            await client.post("/v1/completions", json=completion(max_tokens=16, ignore_eos=True, stop=[stop, "zzzz"]))
+        ).json()
     assert stopped["choices"][0]["text"] == free[: free.index(stop)]
     assert stopped["choices"][0]["finish_reason"] == "stop"
 
@@ -126,13 +135,27 @@ async def test_stop_token_ids_eos_ignore_eos_and_min_tokens() -> None:
 
 async def test_logit_bias_forces_a_token() -> None:
     async with serve_app() as client:
-        body = (await client.post("/v1/completions", json=completion(temperature=1.0, logit_bias={str(ord("A")): 100}, max_tokens=6))).json()
+        body = (
+            await client.post("/v1/completions", json=completion(temperature=1.0, logit_bias={str(ord("A")): 100}, max_tokens=6))
+        ).json()
     assert body["choices"][0]["text"] == "AAAAAA"
 
 
 async def test_seed_reproducible_and_sampling_extras_accepted() -> None:
-    fields = dict(temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, presence_penalty=0.5, frequency_penalty=0.5,
-                  repetition_penalty=1.1, user="u1", best_of=2, n=2, max_tokens=12, ignore_eos=True)
+    fields = dict(
+        temperature=1.0,
+        top_p=0.9,
+        top_k=50,
+        min_p=0.01,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.1,
+        user="u1",
+        best_of=2,
+        n=2,
+        max_tokens=12,
+        ignore_eos=True,
+    )
     async with serve_app() as client:
         a = (await client.post("/v1/completions", json=completion(seed=7, **fields))).json()
         b = (await client.post("/v1/completions", json=completion(seed=7, **fields))).json()
@@ -144,8 +167,19 @@ async def test_seed_reproducible_and_sampling_extras_accepted() -> None:
 
 
 async def test_defaults_max_tokens_16_and_null_fields() -> None:
-    body = {"model": MODEL, "prompt": "Hi", "ignore_eos": True, "temperature": None, "top_p": None, "n": None,
-            "stop": None, "logprobs": None, "max_tokens": None, "logit_bias": None, "seed": None}
+    body = {
+        "model": MODEL,
+        "prompt": "Hi",
+        "ignore_eos": True,
+        "temperature": None,
+        "top_p": None,
+        "n": None,
+        "stop": None,
+        "logprobs": None,
+        "max_tokens": None,
+        "logit_bias": None,
+        "seed": None,
+    }
     async with serve_app() as client:
         r = await client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
@@ -153,8 +187,9 @@ async def test_defaults_max_tokens_16_and_null_fields() -> None:
 
 
 async def test_streaming_wire_format_matches_non_streaming() -> None:
-    request = completion(prompt=["Hi", "The cat"], n=2, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True, logprobs=1,
-                         echo=True)
+    request = completion(
+        prompt=["Hi", "The cat"], n=2, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True, logprobs=1, echo=True
+    )
     async with serve_app() as client:
         whole = (await client.post("/v1/completions", json=request)).json()
         r = await client.post("/v1/completions", json={**request, "stream": True})
@@ -186,8 +221,9 @@ async def test_streaming_wire_format_matches_non_streaming() -> None:
 
 
 async def test_streaming_usage_chunk_and_echo() -> None:
-    request = completion(prompt="Hello", echo=True, max_tokens=5, ignore_eos=True, stream=True,
-                         stream_options={"include_usage": True})
+    request = completion(
+        prompt="Hello", echo=True, max_tokens=5, ignore_eos=True, stream=True, stream_options={"include_usage": True}
+    )
     async with serve_app() as client:
         r = await client.post("/v1/completions", json=request)
     events, done, _ = parse_sse(r.text)

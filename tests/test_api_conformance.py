@@ -45,8 +45,11 @@ async def test_wrong_json_types_are_400_not_coerced() -> None:
             error = assert_error(await client.post(path, json=body), 400)
             assert error["param"] is not None and error["param"].startswith(param), (body, error)
         # numbers stay numbers, as in JSON Schema: an int is a float, an integral float (2.0) an integer
-        for body in ({**COMPLETION, "temperature": 1, "top_p": 1}, {**COMPLETION, "logit_bias": {"65": -100}},
-                     {**COMPLETION, "max_tokens": 2.0, "n": 1.0, "seed": 3.0, "logprobs": 1.0}):
+        for body in (
+            {**COMPLETION, "temperature": 1, "top_p": 1},
+            {**COMPLETION, "logit_bias": {"65": -100}},
+            {**COMPLETION, "max_tokens": 2.0, "n": 1.0, "seed": 3.0, "logprobs": 1.0},
+        ):
             assert (await client.post("/v1/completions", json=body)).status_code == 200, body
         await still_serves(client)
 
@@ -93,8 +96,10 @@ async def test_tool_result_messages_are_rendered_not_rejected() -> None:
     async with serve_app() as client:
         r = await client.post("/v1/chat/completions", json={**CHAT, "messages": messages})
         assert r.status_code == 200, r.text
-        prompt = ("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n"
-                  "<|im_start|>tool\n7<|im_end|>\n<|im_start|>assistant\n")
+        prompt = (
+            "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n"
+            "<|im_start|>tool\n7<|im_end|>\n<|im_start|>assistant\n"
+        )
         assert r.json()["usage"]["prompt_tokens"] == chatml_count(prompt)
         r = await client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "tool", "content": None}]})
         assert_error(r, 400, param="messages")
@@ -104,8 +109,10 @@ def test_tool_messages_in_llama3_use_the_ipython_header() -> None:
     specials = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
     tokenizer = ByteTokenizer(specials)
     ids = render_chat([{"role": "user", "content": "q"}, {"role": "tool", "content": "42"}], tokenizer, "llama3")
-    text = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>"
-            "<|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    text = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>"
+        "<|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert ids == tokenizer.encode(text, allow_special=True)
 
 

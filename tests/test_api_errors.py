@@ -102,12 +102,17 @@ async def test_huge_but_valid_values_are_served() -> None:
 
 async def test_unknown_model_404_context_overflow_400() -> None:
     async with serve_app() as client:
-        for path, body in [("/v1/completions", {**OK, "model": "gpt-4"}),
-                           ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})]:
+        for path, body in [
+            ("/v1/completions", {**OK, "model": "gpt-4"}),
+            ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),
+        ]:
             error = assert_error(await client.post(path, json=body), 404, code="model_not_found", param="model")
             assert "gpt-4" in error["message"]
-        error = assert_error(await client.post("/v1/completions", json={**OK, "prompt": "x" * 100, "max_tokens": 50}), 400,
-                             code="context_length_exceeded")
+        error = assert_error(
+            await client.post("/v1/completions", json={**OK, "prompt": "x" * 100, "max_tokens": 50}),
+            400,
+            code="context_length_exceeded",
+        )
         assert f"maximum context length is {MAX_SEQ_LEN} tokens" in error["message"]
         assert "150 tokens (100 in the prompt, 50 in the completion)" in error["message"]
         await still_serves(client)
@@ -155,7 +160,11 @@ async def test_cors_preflight_and_headers() -> None:
     async with serve_app(settings(cors_origins=origin, api_key="k")) as client:
         r = await client.options(
             "/v1/chat/completions",
-            headers={"Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"},
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization",
+            },
         )
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
         r = await client.get("/health", headers={"Origin": origin})
@@ -235,8 +244,10 @@ async def test_engine_failure_after_200_is_an_sse_error_event_and_health_turns_u
 @pytest.mark.parametrize("key", ["²", "¹²", "٣", " 5 ", "5 ", "+5", "0x5", "1" * 5000, "-1"])
 async def test_logit_bias_keys_must_be_plain_ascii_token_ids(key: str) -> None:
     async with serve_app() as client:
-        for path, body in (("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1}),
-                           ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})):
+        for path, body in (
+            ("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1}),
+            ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}),
+        ):
             r = await client.post(path, json={**body, "logit_bias": {key: 1}})
             assert_error(r, 400)
             assert len(r.text) < 1000, "the error quotes a bounded excerpt, not the whole key"
@@ -251,8 +262,11 @@ async def test_json_integers_past_pythons_digit_limit_are_400_without_a_tracebac
             r = await client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
             assert_error(r, 400)
             assert len(r.text) < 1000
-        r = await client.post("/tokenize", content=f'{{"model": "{MODEL}", "prompt": "x", "n": {huge}}}'.encode(),
-                              headers={"content-type": "application/json"})
+        r = await client.post(
+            "/tokenize",
+            content=f'{{"model": "{MODEL}", "prompt": "x", "n": {huge}}}'.encode(),
+            headers={"content-type": "application/json"},
+        )
         assert_error(r, 400)
         await still_serves(client)
     assert not [rec for rec in caplog.records if rec.exc_info], "no traceback for a client's bad number"
@@ -266,8 +280,16 @@ async def test_a_rejected_huge_token_id_is_quoted_in_bounded_form() -> None:
         assert len(r.text) < 1000
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-                                          "text/plain; charset=utf-8", "application/jsonx"])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/plain; charset=utf-8",
+        "application/jsonx",
+    ],
+)
 async def test_non_json_content_types_are_415(content_type: str) -> None:
     """A web page can POST text/plain cross-site without a CORS preflight (CVE-2021-32677)."""
     body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 1}).encode()
@@ -278,8 +300,9 @@ async def test_non_json_content_types_are_415(content_type: str) -> None:
         await still_serves(client)
 
 
-@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON",
-                                          "application/vnd.api+json", None])
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json", None]
+)
 async def test_json_content_types_and_a_missing_one_are_accepted(content_type: str | None) -> None:
     body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 1}).encode()
     headers = {"content-type": content_type} if content_type else {}

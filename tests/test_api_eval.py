@@ -182,8 +182,12 @@ async def test_smollm2_template_rendered_by_lm_eval_tokenizes_to_our_chat_prompt
     state = smollm2_client.app.state.server  # type: ignore[attr-defined]
     conversations = [
         [{"role": "user", "content": "What is the capital of France?"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Ça va ?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Ça va ?"},
+        ],
     ]
     for messages in conversations:
         text = render_like_lm_eval(template, messages)
@@ -264,7 +268,16 @@ async def test_request_id_header_on_streams(path: str, body: dict[str, Any], pre
 
 SANE_IDS = ["abc", "trace-42", "A.b_c:d-9", "0" * 128, "f47ac10b-58cc-4372-a567-0e02b2c3d479"]
 UNSAFE_IDS: list[str | bytes] = [
-    "", "x" * 129, "a b", "id;drop", "<script>", "a/b", "a\tb", "évian".encode(), "x" * 100_000, "id%0d%0aX-Evil:1",
+    "",
+    "x" * 129,
+    "a b",
+    "id;drop",
+    "<script>",
+    "a/b",
+    "a\tb",
+    "évian".encode(),
+    "x" * 100_000,
+    "id%0d%0aX-Evil:1",
 ]
 
 
@@ -374,9 +387,7 @@ def test_openai_sdk_request_id(lm_eval_server: str) -> None:
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, extra_headers={"X-Request-Id": "eval-run-1"}
     )
     assert mine._request_id == mine.id == "chatcmpl-eval-run-1"
-    stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True
-    )
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True)
     chunks = list(stream)
     assert chunks and {c.id for c in chunks} == {stream.response.headers["x-request-id"]}
     raw = client.completions.with_raw_response.create(model=MODEL, prompt="Hi", max_tokens=2)

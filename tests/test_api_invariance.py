@@ -19,13 +19,41 @@ from tests.support.api import parse_sse, serve_app, settings
 pytestmark = pytest.mark.anyio
 MODEL = "SmolLM2-135M-Instruct"
 PROBES: list[tuple[str, dict[str, Any]]] = [
-    ("/v1/completions", {"prompt": "The three primary colours are", "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 5}),
-    ("/v1/completions", {"prompt": "def add(a, b):", "max_tokens": 6, "temperature": 0.8, "seed": 11, "logprobs": 2, "stream": True}),
-    ("/v1/completions", {"prompt": "Paris is the capital of", "max_tokens": 0, "echo": True, "logprobs": 1}),  # lm-eval loglikelihood
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 6, "temperature": 0,
-                              "logprobs": True, "top_logprobs": 3}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 6, "temperature": 0.7,
-                              "top_p": 0.9, "seed": 3, "logprobs": True, "top_logprobs": 2, "stream": True}),
+    (
+        "/v1/completions",
+        {"prompt": "The three primary colours are", "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 5},
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "def add(a, b):", "max_tokens": 6, "temperature": 0.8, "seed": 11, "logprobs": 2, "stream": True},
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "Paris is the capital of", "max_tokens": 0, "echo": True, "logprobs": 1},
+    ),  # lm-eval loglikelihood
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Name a fruit."}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 3,
+        },
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 6,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "seed": 3,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "stream": True,
+        },
+    ),
 ]
 
 
@@ -52,10 +80,21 @@ def crowd_requests() -> list[tuple[str, dict[str, Any]]]:
         if i % 3 == 0:
             out.append(("/v1/completions", {"prompt": f"{words} {i}", "max_tokens": 20, "temperature": 0}))
         elif i % 3 == 1:
-            out.append(("/v1/completions", {"prompt": f"Story {i}:", "max_tokens": 30, "temperature": 1.0, "top_k": 500, "stream": True}))
+            out.append(
+                ("/v1/completions", {"prompt": f"Story {i}:", "max_tokens": 30, "temperature": 1.0, "top_k": 500, "stream": True})
+            )
         else:
-            out.append(("/v1/chat/completions", {"messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 25,
-                                                  "temperature": 0.5, "top_p": 0.5}))
+            out.append(
+                (
+                    "/v1/chat/completions",
+                    {
+                        "messages": [{"role": "user", "content": f"Count to {i}."}],
+                        "max_tokens": 25,
+                        "temperature": 0.5,
+                        "top_p": 0.5,
+                    },
+                )
+            )
     return out
 
 

@@ -122,8 +122,16 @@ async def test_metrics_count_tokens_reasons_and_latencies() -> None:
     async with serve_app() as client:
         a = (await client.post("/v1/completions", json={**OK, "max_tokens": 5, "ignore_eos": True})).json()
         b = (await client.post("/v1/completions", json={**OK, "logit_bias": {"257": 100}})).json()
-        c = (await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                                             "max_tokens": 3, "ignore_eos": True, "stream": True}))
+        c = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 3,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        )
         r = await client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text

@@ -126,7 +126,9 @@ def requests_for(loaded: Any) -> list[GenerationRequest]:
     for i, text in enumerate(PROMPTS):
         ids = tok.encode(text)
         out.append(GenerationRequest(ids, SamplingParams(temperature=0.0, logprobs=5), max_tokens=8, prompt_logprobs=True))
-        out.append(GenerationRequest(ids, SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=7 + i, logprobs=2), max_tokens=8))
+        out.append(
+            GenerationRequest(ids, SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=7 + i, logprobs=2), max_tokens=8)
+        )
     return out
 
 

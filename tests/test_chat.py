@@ -71,7 +71,24 @@ def test_smollm2_default_system_prompt_and_golden_ids(smollm2: tuple[Tokenizer, 
     assert default_system_prompt(template) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     # Golden ids from docs/default-model.md (checked against transformers and llama.cpp), no system prompt.
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    assert render_chat(messages, tokenizer, "chatml") == [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    assert render_chat(messages, tokenizer, "chatml") == [
+        1,
+        4093,
+        198,
+        1780,
+        314,
+        260,
+        3575,
+        282,
+        4649,
+        47,
+        2,
+        198,
+        1,
+        520,
+        9531,
+        198,
+    ]
     assert end_of_turn_ids("chatml", tokenizer) == {2}
 
 

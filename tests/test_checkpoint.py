@@ -59,9 +59,9 @@ def test_hf_half_precision_checkpoint_loads_as_float32(tmp_path: Path) -> None:
     with torch.no_grad():  # weights that bf16 holds exactly, so the fp32 reference is exact
         for p in reference.parameters():
             p.copy_(p.bfloat16().float())
-    tiny_hf_llama().to(torch.bfloat16).save_pretrained(tmp_path, state_dict={
-        k: v.bfloat16() for k, v in reference.state_dict().items()
-    })
+    tiny_hf_llama().to(torch.bfloat16).save_pretrained(
+        tmp_path, state_dict={k: v.bfloat16() for k, v in reference.state_dict().items()}
+    )
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     model = load_weights(tmp_path, max_batch_size=1, max_seq_len=64).model
     assert model.tok_embeddings.weight.dtype == torch.float32
@@ -87,7 +87,8 @@ def test_load_model_hf_dir_with_tokenizer(tmp_path: Path) -> None:
     hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf_tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     hf_tokenizer.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog 12345"] * 20, trainer)
@@ -105,9 +106,15 @@ def test_load_model_hf_dir_with_tokenizer(tmp_path: Path) -> None:
 # ---- Meta consolidated.*.pth ----------------------------------------------------------------------
 
 _META_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 # fairscale: ColumnParallelLinear splits dim 0, RowParallelLinear dim 1, norms are replicated.
 _META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
@@ -154,8 +161,15 @@ def test_meta_consolidated_shards(n_shards: int, embedding_dim: int, tmp_path: P
     # Meta's params.json has no FFN width: 192 is its formula for dim 64 with multiple_of 32.
     reference = tiny_hf_llama(intermediate=192, scaling_original=8192)
     params = {
-        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": -1 if embedding_dim else 300,
-        "multiple_of": 32, "ffn_dim_multiplier": None, "norm_eps": 1e-5, "rope_theta": 500000.0,
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "vocab_size": -1 if embedding_dim else 300,
+        "multiple_of": 32,
+        "ffn_dim_multiplier": None,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
         "use_scaled_rope": True,
     }
     (tmp_path / "params.json").write_text(json.dumps(params))
@@ -167,14 +181,26 @@ def test_meta_consolidated_shards(n_shards: int, embedding_dim: int, tmp_path: P
 # ---- GGUF -----------------------------------------------------------------------------------------
 
 _GGUF_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down",
-    "mlp.up_proj": "ffn_up", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.down_proj": "ffn_down",
+    "mlp.up_proj": "ffn_up",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 
 
-def write_gguf(reference, path: Path, qtype: gguf.GGMLQuantizationType, arch: str = "llama",  # type: ignore[no-untyped-def]
-               rope_freqs: torch.Tensor | None = None, raw: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+def write_gguf(
+    reference,
+    path: Path,
+    qtype: gguf.GGMLQuantizationType,
+    arch: str = "llama",  # type: ignore[no-untyped-def]
+    rope_freqs: torch.Tensor | None = None,
+    raw: dict[str, np.ndarray] | None = None,
+) -> dict[str, torch.Tensor]:
     """A GGUF laid out as llama.cpp's converter does; returns the HF state dict as the file holds it."""
     config = reference.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -195,8 +221,11 @@ def write_gguf(reference, path: Path, qtype: gguf.GGMLQuantizationType, arch: st
     for name, tensor in reference.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                     "lm_head.weight": "output.weight"}.get(name)
+        gguf_name = {
+            "model.embed_tokens.weight": "token_embd.weight",
+            "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight",
+        }.get(name)
         stored = tensor.numpy()
         if gguf_name is None:
             _, _, layer, rest = name.split(".", 3)
@@ -333,12 +362,20 @@ def test_gguf_without_a_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
 # ---- ModelArgs.from_gguf_metadata on plain values -----------------------------------------------
 
 QWEN2_KEYS = {
-    "general.architecture": "qwen2", "qwen2.embedding_length": 896, "qwen2.block_count": 24,
-    "qwen2.attention.head_count": 14, "qwen2.attention.head_count_kv": 2, "qwen2.feed_forward_length": 4864,
-    "qwen2.rope.freq_base": 1000000.0, "qwen2.attention.layer_norm_rms_epsilon": 9.999999974752427e-07,
-    "qwen2.context_length": 32768, "tokenizer.ggml.tokens": ["x"] * 151936,
-    "tokenizer.ggml.bos_token_id": 151643, "tokenizer.ggml.eos_token_id": 151645,
-    "tokenizer.ggml.eot_token_id": 151645, "tokenizer.ggml.eom_token_id": 151643,
+    "general.architecture": "qwen2",
+    "qwen2.embedding_length": 896,
+    "qwen2.block_count": 24,
+    "qwen2.attention.head_count": 14,
+    "qwen2.attention.head_count_kv": 2,
+    "qwen2.feed_forward_length": 4864,
+    "qwen2.rope.freq_base": 1000000.0,
+    "qwen2.attention.layer_norm_rms_epsilon": 9.999999974752427e-07,
+    "qwen2.context_length": 32768,
+    "tokenizer.ggml.tokens": ["x"] * 151936,
+    "tokenizer.ggml.bos_token_id": 151643,
+    "tokenizer.ggml.eos_token_id": 151645,
+    "tokenizer.ggml.eot_token_id": 151645,
+    "tokenizer.ggml.eom_token_id": 151643,
 }
 
 

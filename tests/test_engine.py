@@ -73,7 +73,9 @@ def test_greedy_under_continuous_batching_equals_each_request_alone() -> None:
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_crowd() -> None:
     seeded = GenerationRequest(prompt(1, 6), SamplingParams(temperature=1.0, top_p=0.9, seed=7), max_tokens=12, ignore_eos=True)
-    crowd = [GenerationRequest(prompt(i, 3 + i), SamplingParams(temperature=0.9), max_tokens=6 + i, ignore_eos=True) for i in range(3)]
+    crowd = [
+        GenerationRequest(prompt(i, 3 + i), SamplingParams(temperature=0.9), max_tokens=6 + i, ignore_eos=True) for i in range(3)
+    ]
 
     async def alone() -> list[int]:
         engine = make_engine(max_batch_size=4)
@@ -93,7 +95,9 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_crowd() -> None:
 
     first = run(alone())
     assert run(together()) == first
-    other_seed = GenerationRequest(seeded.prompt_ids, SamplingParams(temperature=1.0, top_p=0.9, seed=8), max_tokens=12, ignore_eos=True)
+    other_seed = GenerationRequest(
+        seeded.prompt_ids, SamplingParams(temperature=1.0, top_p=0.9, seed=8), max_tokens=12, ignore_eos=True
+    )
 
     async def other() -> list[int]:
         engine = make_engine()
@@ -315,7 +319,9 @@ def test_prompt_logprobs_with_max_tokens_zero_across_prefill_chunks() -> None:
 def test_generated_logprobs_and_timings() -> None:
     source = prompt(6, 5)
     engine = make_engine()
-    request = GenerationRequest(source, SamplingParams(temperature=0, logprobs=3), max_tokens=4, ignore_eos=True, prompt_logprobs=True)
+    request = GenerationRequest(
+        source, SamplingParams(temperature=0, logprobs=3), max_tokens=4, ignore_eos=True, prompt_logprobs=True
+    )
     outputs = run(generate(engine, request))
     engine.shutdown()
     ids = ids_of(outputs)
@@ -441,7 +447,9 @@ def test_offline_generate_loop_matches_the_recompute_oracle() -> None:
 def test_multibyte_characters_split_across_tokens_and_a_stop_after_them() -> None:
     prompt_ids = list(b"Q:")
     generated = list("aé€ xEND yy".encode())  # é and € span 2 and 3 tokens
-    engine = Engine(ScriptedModel(prompt_ids + generated, max_batch_size=2, max_seq_len=64), ByteTokenizer(), max_batch_size=2, max_seq_len=64)
+    engine = Engine(
+        ScriptedModel(prompt_ids + generated, max_batch_size=2, max_seq_len=64), ByteTokenizer(), max_batch_size=2, max_seq_len=64
+    )
     engine.start()
     outputs = run(generate(engine, GenerationRequest(prompt_ids, GREEDY, max_tokens=30, stop=["END"])))
     engine.shutdown()

@@ -51,7 +51,9 @@ def slow_model(engine: Engine, delay: float) -> None:
 
 def scripted_run(script: Sequence[int] | bytes, **request: Any) -> list[GenerationOutput]:
     prompt_ids = [ord("p"), ord("q")]
-    engine = Engine(ScriptedModel(list(script), len(prompt_ids), fallback=ord(".")), ByteTokenizer(), max_batch_size=2, max_seq_len=64)
+    engine = Engine(
+        ScriptedModel(list(script), len(prompt_ids), fallback=ord(".")), ByteTokenizer(), max_batch_size=2, max_seq_len=64
+    )
     engine.start()
     try:
         return run(generate(engine, GenerationRequest(prompt_ids, GREEDY, **request)))
@@ -221,7 +223,13 @@ def test_prompt_logprobs_across_chunks_equal_one_full_pass(max_tokens: int) -> N
     async def main() -> tuple[list[GenerationOutput], list[GenerationOutput]]:
         other = engine.submit(GenerationRequest(prompt(4, 17), GREEDY, max_tokens=4, ignore_eos=True))  # shares the chunks
         echo = engine.submit(
-            GenerationRequest(prompt_ids, SamplingParams(temperature=0, logprobs=2), max_tokens=max_tokens, ignore_eos=True, prompt_logprobs=True)
+            GenerationRequest(
+                prompt_ids,
+                SamplingParams(temperature=0, logprobs=2),
+                max_tokens=max_tokens,
+                ignore_eos=True,
+                prompt_logprobs=True,
+            )
         )
         return await collect(echo), await collect(other)
 

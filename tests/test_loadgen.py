@@ -127,8 +127,24 @@ def test_cut_off_stream_is_an_error(serve) -> None:  # type: ignore[no-untyped-d
 def test_cli_writes_json_and_fails_cleanly(serve, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     url = serve(FakeServer())
     out = tmp_path / "report.json"
-    argv = ["--base-url", url, "-c", "2", "-n", "3", "--prompt-tokens", "3-5", "--output-tokens", "4",
-            "--warmup", "1", "--label", "fake", "--json", str(out)]
+    argv = [
+        "--base-url",
+        url,
+        "-c",
+        "2",
+        "-n",
+        "3",
+        "--prompt-tokens",
+        "3-5",
+        "--output-tokens",
+        "4",
+        "--warmup",
+        "1",
+        "--label",
+        "fake",
+        "--json",
+        str(out),
+    ]
     assert loadgen.main(argv) == 0
     table = capsys.readouterr().out
     assert "== fake" in table and "TTFT (ms)" in table
@@ -150,9 +166,31 @@ def test_run_peers_compares_two_servers(serve, tmp_path, monkeypatch, capsys) ->
     model = tmp_path / "model.gguf"
     model.write_bytes(b"")
     out = tmp_path / "results.json"
-    argv = ["--model", str(model), "--peers", "ours", "llama.cpp", "--ours-url", fast, "--llamacpp-url", slow,
-            "--repeats", "2", "--concurrency", "3", "--c1-requests", "2", "--cn-requests", "6",
-            "--prompt-tokens", "4", "--output-tokens", "6", "--json", str(out)]
+    argv = [
+        "--model",
+        str(model),
+        "--peers",
+        "ours",
+        "llama.cpp",
+        "--ours-url",
+        fast,
+        "--llamacpp-url",
+        slow,
+        "--repeats",
+        "2",
+        "--concurrency",
+        "3",
+        "--c1-requests",
+        "2",
+        "--cn-requests",
+        "6",
+        "--prompt-tokens",
+        "4",
+        "--output-tokens",
+        "6",
+        "--json",
+        str(out),
+    ]
     assert run_peers.main(argv) == 0
     captured = capsys.readouterr()
     assert "WARNING before ours c1 #1: CPU 90% busy" in captured.err
@@ -198,8 +236,16 @@ def test_hf_generate_timings_on_a_tiny_transformers_model() -> None:
     from bench import hf_generate
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=0, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # all logits 0: greedy picks id 0 = EOS, so plain generate stops at once
         model.model.norm.weight.zero_()
@@ -241,8 +287,9 @@ def test_our_server_honours_lengths_under_load(serve) -> None:  # type: ignore[n
 
 def test_check_quiet_waits_for_the_cpu_then_warns_only_if_still_busy(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     samples = iter([0.9, 0.8, 0.05])
-    monkeypatch.setattr(run_peers, "machine_load",
-                        lambda sample_s=1.0: {"loadavg_1m": 1.0, "cpu_busy": next(samples), "cores": 2})
+    monkeypatch.setattr(
+        run_peers, "machine_load", lambda sample_s=1.0: {"loadavg_1m": 1.0, "cpu_busy": next(samples), "cores": 2}
+    )
     assert run_peers.check_quiet("x", max_busy=0.15, wait_s=60)["cpu_busy"] == 0.05
     assert "WARNING" not in capsys.readouterr().err
     monkeypatch.setattr(run_peers, "machine_load", lambda sample_s=1.0: {"loadavg_1m": 1.0, "cpu_busy": 0.5, "cores": 2})
@@ -255,8 +302,7 @@ def test_check_quiet_waits_for_the_cpu_then_warns_only_if_still_busy(monkeypatch
 
 def test_a_target_is_not_passed_on_a_run_with_errors() -> None:
     def server(errors: int, short: int, tok_s: float) -> dict:  # type: ignore[type-arg]
-        median = {"output_tok_s": tok_s, "ttft_p50_ms": 10.0, "decode_tok_s_p50": 50.0,
-                  "errors": errors, "short_outputs": short}
+        median = {"output_tok_s": tok_s, "ttft_p50_ms": 10.0, "decode_tok_s_p50": 50.0, "errors": errors, "short_outputs": short}
         return {"c1": {"median": median}, "c4": {"median": median}}
 
     args = run_peers.build_parser().parse_args(["--concurrency", "4"])

@@ -80,8 +80,11 @@ def test_mixed_prefill_rows_with_own_starts_and_unsorted_slots_match_alone() -> 
         rows.append(chunk + [chunk[-1]] * (3 - len(chunk)))
         positions.append(pos + [pos[-1]] * (3 - len(pos)))
     logits = model(
-        torch.tensor(rows), torch.tensor(positions), torch.tensor(slots),
-        kv_len=max(max(p) for p in positions) + 1, all_logits=True,
+        torch.tensor(rows),
+        torch.tensor(positions),
+        torch.tensor(slots),
+        kv_len=max(max(p) for p in positions) + 1,
+        all_logits=True,
     )
     for b, slot in enumerate(slots):
         expected = alone(chunks[slot], history[slot])
@@ -104,8 +107,14 @@ def test_half_precision_model_runs_on_cpu_with_fp32_logits(dtype: torch.dtype) -
 
 
 HF_CONFIG = dict(
-    model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=259, intermediate_size=128, max_position_embeddings=256,
+    model_type="llama",
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=259,
+    intermediate_size=128,
+    max_position_embeddings=256,
 )
 
 
@@ -120,7 +129,9 @@ def test_hf_config_linear_rope_scaling_is_a_clear_error() -> None:
         ModelArgs.from_hf_config({**HF_CONFIG, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
 
 
-@pytest.mark.parametrize("missing", ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"])
+@pytest.mark.parametrize(
+    "missing", ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"]
+)
 def test_hf_config_missing_field_is_an_error_naming_it(missing: str) -> None:
     config = {k: v for k, v in HF_CONFIG.items() if k != missing}
     with pytest.raises(ValueError, match=missing):
@@ -144,10 +155,15 @@ def test_llama2_params_json_vocab_size_minus_one_is_read_from_the_embedding(tmp_
     (tmp_path / "params.json").write_text(json.dumps(params))
     args = ModelArgs.from_params_json(tmp_path / "params.json")
     state = {
-        "tok_embeddings.weight": torch.randn(259, 64), "norm.weight": torch.ones(64), "output.weight": torch.randn(259, 64),
-        "layers.0.attention_norm.weight": torch.ones(64), "layers.0.ffn_norm.weight": torch.ones(64),
-        "layers.0.attention.wq.weight": torch.randn(64, 64), "layers.0.attention.wk.weight": torch.randn(64, 64),
-        "layers.0.attention.wv.weight": torch.randn(64, 64), "layers.0.attention.wo.weight": torch.randn(64, 64),
+        "tok_embeddings.weight": torch.randn(259, 64),
+        "norm.weight": torch.ones(64),
+        "output.weight": torch.randn(259, 64),
+        "layers.0.attention_norm.weight": torch.ones(64),
+        "layers.0.ffn_norm.weight": torch.ones(64),
+        "layers.0.attention.wq.weight": torch.randn(64, 64),
+        "layers.0.attention.wk.weight": torch.randn(64, 64),
+        "layers.0.attention.wv.weight": torch.randn(64, 64),
+        "layers.0.attention.wo.weight": torch.randn(64, 64),
         "layers.0.feed_forward.w1.weight": torch.randn(args.hidden_dim, 64),
         "layers.0.feed_forward.w3.weight": torch.randn(args.hidden_dim, 64),
         "layers.0.feed_forward.w2.weight": torch.randn(64, args.hidden_dim),
@@ -230,8 +246,17 @@ def run_generate(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def test_generate_cli_chat_on_the_default_model_answers_paris(smollm2_path: Path) -> None:
     # float32: the answer's first token is a near-tie that int4 arithmetic flips on some CPUs
-    result = run_generate("--model", str(smollm2_path), "--quantization", "none", "--chat",
-                          "--prompt", "What is the capital of France?", "--max-tokens", "12")
+    result = run_generate(
+        "--model",
+        str(smollm2_path),
+        "--quantization",
+        "none",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "12",
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "prompt tokens" in result.stderr and "Traceback" not in result.stderr

@@ -34,8 +34,27 @@ _PROCESSES: dict[str, subprocess.Popen[str]] = {}  # base url -> server process
 def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "LLAMASERVE_THREADS": os.environ.get("LLAMASERVE_TEST_THREADS", "2")}
-    command = [sys.executable, "-m", "app", "--model", str(smollm2_path), "--port", str(port), "--max-batch-size", "4",
-               "--max-seq-len", "512", "--quantization", "none", "--api-key", API_KEY, "--log-level", "warning", "--drain-timeout", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "app",
+        "--model",
+        str(smollm2_path),
+        "--port",
+        str(port),
+        "--max-batch-size",
+        "4",
+        "--max-seq-len",
+        "512",
+        "--quantization",
+        "none",
+        "--api-key",
+        API_KEY,
+        "--log-level",
+        "warning",
+        "--drain-timeout",
+        "2",
+    ]
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:  # a file, not a pipe: a full pipe would block the server
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)

@@ -89,9 +89,7 @@ def test_console_script_target_is_a_callable() -> None:
 def test_every_runtime_import_is_declared() -> None:
     declared = {requirement_name(req) for req in pyproject()["project"]["dependencies"]}
     missing = {
-        module: sorted(files)
-        for module, files in third_party_imports().items()
-        if not distributions_of(module) & declared
+        module: sorted(files) for module, files in third_party_imports().items() if not distributions_of(module) & declared
     }
     assert not missing, f"imported by model/ or app/ but not in [project] dependencies: {missing}"
 

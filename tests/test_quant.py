@@ -196,8 +196,15 @@ def test_smollm2_int4_matches_the_gguf_and_stays_close_to_transformers(smollm2_p
     assert loaded.quantization == "int4"
     ours = loaded.model
     for dense_layer, int4_layer in zip(dense.layers, ours.layers):
-        for part, name in [("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("attention", "wo"),
-                           ("feed_forward", "w1"), ("feed_forward", "w2"), ("feed_forward", "w3")]:
+        for part, name in [
+            ("attention", "wq"),
+            ("attention", "wk"),
+            ("attention", "wv"),
+            ("attention", "wo"),
+            ("feed_forward", "w1"),
+            ("feed_forward", "w2"),
+            ("feed_forward", "w3"),
+        ]:
             weight = getattr(getattr(dense_layer, part), name).weight
             assert torch.equal(dequantize_groups(*quantize_groups(weight)), weight), name
             assert isinstance(getattr(getattr(int4_layer, part), name), Int4Linear)

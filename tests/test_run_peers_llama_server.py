@@ -54,10 +54,34 @@ def test_llama_server_is_started_with_one_slot_per_client_and_compared(tmp_path,
     model = tmp_path / "model.gguf"
     model.write_bytes(b"")
     out = tmp_path / "results.json"
-    argv = ["--model", str(model), "--peers", "llama-server", "--llama-server", str(binary), "--threads", "3",
-            "--repeats", "1", "--concurrency", "3", "--c1-requests", "1", "--cn-requests", "3",
-            "--prompt-tokens", "4", "--output-tokens", "5", "--max-seq-len", "256", "--ready-timeout", "60",
-            "--json", str(out)]
+    argv = [
+        "--model",
+        str(model),
+        "--peers",
+        "llama-server",
+        "--llama-server",
+        str(binary),
+        "--threads",
+        "3",
+        "--repeats",
+        "1",
+        "--concurrency",
+        "3",
+        "--c1-requests",
+        "1",
+        "--cn-requests",
+        "3",
+        "--prompt-tokens",
+        "4",
+        "--output-tokens",
+        "5",
+        "--max-seq-len",
+        "256",
+        "--ready-timeout",
+        "60",
+        "--json",
+        str(out),
+    ]
     assert run_peers.main(argv) == 0
     assert "llama-server ready after" in capsys.readouterr().out
 
@@ -86,8 +110,7 @@ def test_llama_server_is_skipped_when_the_binary_cannot_run(tmp_path, capsys) ->
 
 def test_both_llama_cpp_servers_get_the_targets() -> None:
     def server(tok_s: float, ttft_ms: float) -> dict:  # type: ignore[type-arg]
-        median = {"output_tok_s": tok_s, "ttft_p50_ms": ttft_ms, "decode_tok_s_p50": 50.0,
-                  "errors": 0, "short_outputs": 0}
+        median = {"output_tok_s": tok_s, "ttft_p50_ms": ttft_ms, "decode_tok_s_p50": 50.0, "errors": 0, "short_outputs": 0}
         return {"c1": {"median": median}, "c4": {"median": median}}
 
     args = run_peers.build_parser().parse_args(["--concurrency", "4"])

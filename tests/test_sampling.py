@@ -281,7 +281,11 @@ def test_filters_on_a_large_vocabulary_match_transformers(scale: float) -> None:
     ours = sampler.processed_logits(logits, list(range(len(cases))))
     for row, p in enumerate(cases):
         ref = hf_reference(logits[row], p)
-        assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(ref)), (p, int(torch.isfinite(ours[row]).sum()), int(torch.isfinite(ref).sum()))
+        assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(ref)), (
+            p,
+            int(torch.isfinite(ours[row]).sum()),
+            int(torch.isfinite(ref).sum()),
+        )
         torch.testing.assert_close(torch.softmax(ours[row], -1), torch.softmax(ref, -1), atol=1e-6, rtol=1e-5)
 
 

@@ -13,7 +13,8 @@ import pytest
 import regex
 import sentencepiece as spm
 import tiktoken
-from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
 from model.tokenizer import (
     BPETokenizer,
@@ -27,7 +28,9 @@ from model.tokenizer import (
 from tests.support.tokenizer_corpus import corpus, training_text
 
 # Patterns written out here (not imported) so the tests check the module's copies.
-META_LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+META_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 STREAM_TEXT = "Grüße, 世界! 🎉👨‍👩‍👧 naïve café ½ — done 42"
 STREAM_TRAINED = "naïve café 你好世界 こんにちは straße über 42"  # only characters of training_text()
@@ -96,7 +99,24 @@ def test_smollm2_matches_hf_reference(smollm2: BPETokenizer, smollm2_reader: ggu
 def test_smollm2_golden_chat_prompt(smollm2: BPETokenizer) -> None:
     # ids from default-model.md (they reproduce transformers' / llama.cpp's output)
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    assert smollm2.encode(prompt, allow_special=True) == [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    assert smollm2.encode(prompt, allow_special=True) == [
+        1,
+        4093,
+        198,
+        1780,
+        314,
+        260,
+        3575,
+        282,
+        4649,
+        47,
+        2,
+        198,
+        1,
+        520,
+        9531,
+        198,
+    ]
     assert smollm2.encode("x", bos=True)[0] == 1
 
 
@@ -160,7 +180,9 @@ def test_smollm2_build_is_fast(smollm2_reader: gguf.GGUFReader) -> None:
 
 def train_byte_bpe(texts: list[str], n_merges: int) -> dict[bytes, int]:
     """A naive byte-level BPE trainer: ranks for all 256 bytes, then the most frequent pairs in order."""
-    words = collections.Counter(tuple(bytes([b]) for b in w.encode()) for t in texts for w in regex.findall(META_LLAMA3_PATTERN, t))
+    words = collections.Counter(
+        tuple(bytes([b]) for b in w.encode()) for t in texts for w in regex.findall(META_LLAMA3_PATTERN, t)
+    )
     ranks = {bytes([b]): b for b in range(256)}
     for _ in range(n_merges):
         pairs: collections.Counter[tuple[bytes, bytes]] = collections.Counter()
@@ -200,7 +222,14 @@ def test_llama3_tiktoken_file(llama3_dir: tuple[Path, dict[bytes, int]]) -> None
     path, ranks = llama3_dir
     tok = tokenizer_from_dir(path)
     base = len(ranks)
-    named = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|start_header_id|>": 6, "<|end_header_id|>": 7, "<|eom_id|>": 8, "<|eot_id|>": 9}
+    named = {
+        "<|begin_of_text|>": 0,
+        "<|end_of_text|>": 1,
+        "<|start_header_id|>": 6,
+        "<|end_header_id|>": 7,
+        "<|eom_id|>": 8,
+        "<|eot_id|>": 9,
+    }
     for text, offset in named.items():
         assert tok.special_tokens[text] == base + offset
     assert tok.vocab_size == base + 256 and len(tok.special_tokens) == 256

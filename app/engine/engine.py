@@ -239,7 +239,7 @@ class Engine:
             request = sampled.request
             try:
                 output = self.output_processor.accept(request, sampled.token_id, sampled.logprob)
-            except Exception as e:  # this request only
+            except Exception as e:  # noqa: BLE001 - a failure in one request's output fails that request only
                 self._fail(request, e)
                 continue
             self._generated_tokens_total += 1
@@ -296,4 +296,3 @@ class Engine:
         for request in self.scheduler.take_everything():
             request.status = RequestStatus.FAILED
             request.handle.put(error)
-

@@ -35,7 +35,12 @@ class CausalLM(Protocol):
     def device(self) -> torch.device: ...
 
     def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None, *, kv_len: int,
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor | None,
+        *,
+        kv_len: int,
         all_logits: bool = False,
     ) -> torch.Tensor: ...
 
@@ -76,7 +81,7 @@ class ModelRunner:
             suppress = sorted(request.stop_ids) if params.min_tokens > 0 else ()
             try:
                 self.sampler.set_slot(request.slot, params.sampling, params.prompt_ids, suppress)
-            except Exception as e:  # one bad request (e.g. a logit_bias id that got past validation)
+            except Exception as e:  # noqa: BLE001 - one bad request (e.g. a logit_bias id past validation) fails alone
                 result.failed.append((request, e))
                 failed.add(id(request))
         rows: list[Request] = []
@@ -134,13 +139,10 @@ class ModelRunner:
         assert self.sampler is not None
         suppress = [r.num_generated < r.params.min_tokens for r in rows]  # stop ids banned before min_tokens
         out = self.sampler.sample(logits, [r.slot for r in rows], suppress)
-        return [
-            Sampled(r, out.token_ids[i], out.logprobs[i] if out.logprobs is not None else None) for i, r in enumerate(rows)
-        ]
+        return [Sampled(r, out.token_ids[i], out.logprobs[i] if out.logprobs is not None else None) for i, r in enumerate(rows)]
 
     def _slot_tensor(self, slots: Sequence[int]) -> torch.Tensor | None:
         """None when row b is slot b (the cache is then read as a view, not gathered)."""
         if list(slots) == list(range(len(slots))):
             return None
         return torch.tensor(list(slots), device=self.device)
-

@@ -84,8 +84,6 @@ def chat_logprobs(tokenizer: Tokenizer, entries: list[Any], top_n: int) -> list[
         return {"token": names.text(token_id), "logprob": safe_logprob(logprob), "bytes": list(names.raw(token_id))}
 
     return [
-        TokenLogprobEntry(
-            **item(e.token_id, e.logprob), top_logprobs=[TopLogprob(**item(t, lp)) for t, lp in e.top[:top_n]]
-        )
+        TokenLogprobEntry(**item(e.token_id, e.logprob), top_logprobs=[TopLogprob(**item(t, lp)) for t, lp in e.top[:top_n]])
         for e in entries
     ]

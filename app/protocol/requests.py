@@ -9,7 +9,7 @@ clients keep working.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
@@ -192,8 +192,9 @@ class ChatCompletionRequest(SamplingFields):
         if self.response_format is not None and self.response_format.type != "text":
             raise FieldError(f"response_format {self.response_format.type!r} is not supported (only 'text')", "response_format")
         if self.tool_choice not in (None, "none", "auto"):
-            raise FieldError("tool_choice 'required' or a named tool is not supported (this server makes no tool calls)",
-                             "tool_choice")
+            raise FieldError(
+                "tool_choice 'required' or a named tool is not supported (this server makes no tool calls)", "tool_choice"
+            )
         if self.tools and self.tool_choice != "none":  # with "none" the tools are only context; we ignore them
             raise FieldError("tools are not supported by this server (send tool_choice 'none' to ignore them)", "tools")
         limit = self.requested_max_tokens()

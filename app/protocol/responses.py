@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+
 def new_id(prefix: str, suffix: str | None = None) -> str:
     """A response id: `prefix-` + the given suffix (a client's request id) or a random hex uuid."""
     return f"{prefix}-{suffix or uuid.uuid4().hex}"

@@ -48,15 +48,18 @@ async def chat_completions(request: Request) -> Response:
     end_of_turn = [] if body.ignore_eos else sorted(end_of_turn_ids(state.chat_format, tokenizer))
     top = (body.top_logprobs or 0) if body.logprobs else None
     requests = [
-        (0, GenerationRequest(
-            prompt_ids=prompt_ids,
-            sampling=sampling_params(body, logprobs=top, choice=i, vocab_size=tokenizer.vocab_size),
-            max_tokens=max_tokens,
-            stop=list(body.stop or []),
-            stop_token_ids=list(body.stop_token_ids or []) + end_of_turn,
-            ignore_eos=bool(body.ignore_eos),
-            min_tokens=body.min_tokens or 0,
-        ))
+        (
+            0,
+            GenerationRequest(
+                prompt_ids=prompt_ids,
+                sampling=sampling_params(body, logprobs=top, choice=i, vocab_size=tokenizer.vocab_size),
+                max_tokens=max_tokens,
+                stop=list(body.stop or []),
+                stop_token_ids=list(body.stop_token_ids or []) + end_of_turn,
+                ignore_eos=bool(body.ignore_eos),
+                min_tokens=body.min_tokens or 0,
+            ),
+        )
         for i in range(body.n or 1)
     ]
     choices, queue = submit_choices(request, engine, requests, prompt_param="messages")
@@ -115,13 +118,16 @@ class ChatStream:
     def end(self) -> list[str]:
         if not self.include_usage:
             return []
-        last = ChatCompletionChunk(id=self.rid, created=self.created, model=self.state.model_name, choices=[],
-                                   usage=usage_of(self.choices))
+        last = ChatCompletionChunk(
+            id=self.rid, created=self.created, model=self.state.model_name, choices=[], usage=usage_of(self.choices)
+        )
         return [sse(last.model_dump())]
 
     def _event(self, index: int, delta: ChatDelta, logprobs: ChatLogprobs | None = None, finish: str | None = None) -> str:
         chunk = ChatCompletionChunk(
-            id=self.rid, created=self.created, model=self.state.model_name,
+            id=self.rid,
+            created=self.created,
+            model=self.state.model_name,
             choices=[ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)],
         )
         return sse(chunk.model_dump(exclude=None if self.include_usage else {"usage"}))

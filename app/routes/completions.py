@@ -34,16 +34,19 @@ async def completions(request: Request) -> Response:
     tokenizer = loaded.tokenizer
     prompts = encode_prompts(body, tokenizer, state.add_bos)
     requests = [
-        (p, GenerationRequest(
-            prompt_ids=ids,
-            sampling=sampling_params(body, logprobs=body.logprobs, choice=i, vocab_size=tokenizer.vocab_size),
-            max_tokens=body.max_tokens_or_default(),
-            stop=list(body.stop or []),
-            stop_token_ids=list(body.stop_token_ids or []),
-            ignore_eos=bool(body.ignore_eos),
-            min_tokens=body.min_tokens or 0,
-            prompt_logprobs=bool(body.echo) and body.logprobs is not None,
-        ))
+        (
+            p,
+            GenerationRequest(
+                prompt_ids=ids,
+                sampling=sampling_params(body, logprobs=body.logprobs, choice=i, vocab_size=tokenizer.vocab_size),
+                max_tokens=body.max_tokens_or_default(),
+                stop=list(body.stop or []),
+                stop_token_ids=list(body.stop_token_ids or []),
+                ignore_eos=bool(body.ignore_eos),
+                min_tokens=body.min_tokens or 0,
+                prompt_logprobs=bool(body.echo) and body.logprobs is not None,
+            ),
+        )
         for p, ids in enumerate(prompts)
         for i in range(body.n or 1)
     ]
@@ -71,8 +74,7 @@ def encode_prompts(body: CompletionRequest, tokenizer: Tokenizer, add_bos: bool)
     out = []
     for i, prompt in enumerate(prompts):
         if not prompt:
-            raise bad_request(f"prompt {i} is {'empty' if isinstance(prompt, str) else 'an empty token list'}",
-                              param="prompt")
+            raise bad_request(f"prompt {i} is {'empty' if isinstance(prompt, str) else 'an empty token list'}", param="prompt")
         out.append(tokenizer.encode(prompt, bos=add_bos, allow_special=True) if isinstance(prompt, str) else list(prompt))
     return out
 
@@ -131,6 +133,11 @@ class CompletionStream:
         return [sse(self._chunk([], usage=True))] if self.include_usage else []
 
     def _chunk(self, choices: list[CompletionChoice], usage: bool = False) -> dict[str, Any]:
-        chunk = CompletionChunk(id=self.rid, created=self.created, model=self.state.model_name, choices=choices,
-                                usage=usage_of(self.choices) if usage else None)
+        chunk = CompletionChunk(
+            id=self.rid,
+            created=self.created,
+            model=self.state.model_name,
+            choices=choices,
+            usage=usage_of(self.choices) if usage else None,
+        )
         return chunk.model_dump(exclude=None if self.include_usage else {"usage"})

@@ -92,8 +92,15 @@ def submit_choices(
             choice.handle.cancel()
         raise (from_engine_error(e, prompt_param=prompt_param) or e) from e
     prompts = {p: len(g.prompt_ids) for p, g in requests}
-    engine_ids = ", ".join(c.handle.request_id for c in choices[:4]) + (f", ... ({len(choices)} in all)" if len(choices) > 4 else "")
-    log.info("%s: started as engine request(s) %s: %d prompt token(s), max_tokens %d", rid, engine_ids,
-             sum(prompts.values()), requests[0][1].max_tokens)
+    engine_ids = ", ".join(c.handle.request_id for c in choices[:4]) + (
+        f", ... ({len(choices)} in all)" if len(choices) > 4 else ""
+    )
+    log.info(
+        "%s: started as engine request(s) %s: %d prompt token(s), max_tokens %d",
+        rid,
+        engine_ids,
+        sum(prompts.values()),
+        requests[0][1].max_tokens,
+    )
     request.state.outcome = outcome(choices)
     return choices, queue

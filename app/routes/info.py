@@ -58,8 +58,7 @@ async def models(request: Request) -> dict[str, Any]:
     return ModelList(data=[state.model_card()]).model_dump()
 
 
-@get_and_head("/v1/models/{model_id:path}", response_model=ModelCard,
-                  responses=error_responses(404, 503))
+@get_and_head("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(404, 503))
 async def model(request: Request, model_id: str) -> dict[str, Any]:
     state = server_state(request)
     state.require_engine()
@@ -67,8 +66,12 @@ async def model(request: Request, model_id: str) -> dict[str, Any]:
     return state.model_card().model_dump()
 
 
-@router.post("/tokenize", openapi_extra=request_body(TokenizeRequest), response_model=TokenizeResponse,
-             responses=error_responses(400, 404, 503))
+@router.post(
+    "/tokenize",
+    openapi_extra=request_body(TokenizeRequest),
+    response_model=TokenizeResponse,
+    responses=error_responses(400, 404, 503),
+)
 async def tokenize(request: Request) -> dict[str, Any]:
     body = await read_body(request, TokenizeRequest)
     state = server_state(request)
@@ -78,8 +81,12 @@ async def tokenize(request: Request) -> dict[str, Any]:
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len).model_dump()
 
 
-@router.post("/detokenize", openapi_extra=request_body(DetokenizeRequest), response_model=DetokenizeResponse,
-             responses=error_responses(400, 404, 503))
+@router.post(
+    "/detokenize",
+    openapi_extra=request_body(DetokenizeRequest),
+    response_model=DetokenizeResponse,
+    responses=error_responses(400, 404, 503),
+)
 async def detokenize(request: Request) -> dict[str, Any]:
     body = await read_body(request, DetokenizeRequest)
     state = server_state(request)
@@ -93,8 +100,7 @@ async def detokenize(request: Request) -> dict[str, Any]:
     return DetokenizeResponse(prompt=spelled_out(tokenizer, body.tokens)).model_dump()
 
 
-@get_and_head("/tokenizer_info", response_model=TokenizerInfoResponse,
-                  responses=error_responses(503))
+@get_and_head("/tokenizer_info", response_model=TokenizerInfoResponse, responses=error_responses(503))
 async def tokenizer_info(request: Request) -> dict[str, Any]:
     """vLLM's answer, as lm-evaluation-harness's RemoteTokenizer reads it. The Tokenizer protocol has
     no pad token: a `pad_id` attribute is used where a tokenizer has one."""

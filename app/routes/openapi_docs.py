@@ -34,11 +34,16 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def generation_responses(response: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """200 as JSON or, with stream: true, as SSE events whose `data:` is `chunk` (then `[DONE]`)."""
     _MODELS.append((chunk, "serialization"))
-    stream = {"schema": {"type": "string", "description": f"SSE events: data: {chunk.__name__} JSON ... data: [DONE]"},
-              "x-event-schema": {"$ref": REF.format(model=chunk.__name__)}}
+    stream = {
+        "schema": {"type": "string", "description": f"SSE events: data: {chunk.__name__} JSON ... data: [DONE]"},
+        "x-event-schema": {"$ref": REF.format(model=chunk.__name__)},
+    }
     return {
-        200: {"model": response, "description": "The completion (JSON), or SSE events when stream is true",
-              "content": {"text/event-stream": stream}},
+        200: {
+            "model": response,
+            "description": "The completion (JSON), or SSE events when stream is true",
+            "content": {"text/event-stream": stream},
+        },
         **error_responses(400, 401, 404, 413, 415, 503),
     }
 

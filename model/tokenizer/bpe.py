@@ -21,13 +21,12 @@ from model.tokenizer.common import (
     _NORMAL,
     _UNKNOWN,
     _USER_DEFINED,
-    _IdTable,
     _alternation,
     _byte_piece,
+    _IdTable,
     _scrub,
     _stop_ids,
 )
-
 
 # Pre-tokenizer patterns, each proven against HF `tokenizers` on the same vocabulary (tests).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-
 # Control-token texts that end a generation whenever a vocabulary has them.
 _STOP_TEXTS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
 

@@ -21,7 +21,6 @@ from model.tokenizer.bpe import (
 from model.tokenizer.protobuf import sentencepiece_model_proto
 from model.tokenizer.spm import SentencePieceTokenizer
 
-
 # llama.cpp `tokenizer.ggml.pre` -> (pattern, unicode normalization of the original HF tokenizer).
 # NFC is Python's (Unicode 14); HF's Rust tables are older, so text with combining marks added since
 # (e.g. U+07FD) can be ordered differently: 3 in 20,000 random-codepoint strings, 0 in realistic text.

@@ -14,7 +14,6 @@ from model.tokenizer.base import TokenizerError
 from model.tokenizer.bpe import LLAMA3_PATTERN, BPETokenizer
 from model.tokenizer.common import _stop_ids
 
-
 # Llama 3.1+ special tokens in order, as Meta's tokenizer.py lists them; ids start after the base ranks.
 _LLAMA3_NAMED = [
     "<|begin_of_text|>",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from model.tokenizer.base import TokenizerError
-from model.tokenizer.common import _IdTable, _alternation, _byte_piece, _scrub, _stop_ids
+from model.tokenizer.common import _alternation, _byte_piece, _IdTable, _scrub, _stop_ids
 
 
 class SentencePieceTokenizer(_IdTable):

@@ -82,7 +82,7 @@ def parse_sse(raw: str) -> tuple[list[dict[str, Any]], bool, int]:
             keepalives += 1
             continue
         assert block.startswith("data: ") and "\n" not in block, f"bad SSE event {block!r}"
-        payload = block[len("data: "):]
+        payload = block[len("data: ") :]
         if payload == "[DONE]":
             done = True
             continue
@@ -108,7 +108,7 @@ def token_id(text: str, tokenizer: ByteTokenizer) -> int:
     if text in tokenizer.special_tokens:
         return tokenizer.special_tokens[text]
     if text.startswith("bytes:\\x"):
-        return int(text[len("bytes:\\x"):], 16)
+        return int(text[len("bytes:\\x") :], 16)
     raw = text.encode()
     assert len(raw) == 1, text
     return raw[0]

@@ -15,8 +15,9 @@ GREEDY = SamplingParams(temperature=0)
 
 def make_engine(max_batch_size: int = 4, max_seq_len: int = 128, start: bool = True, **kwargs: Any) -> Engine:
     """An engine on the tiny model (seed 0, the reference oracles' weights) and a ByteTokenizer."""
-    engine = Engine(tiny_model(max_batch_size, max_seq_len), ByteTokenizer(), max_batch_size=max_batch_size,
-                    max_seq_len=max_seq_len, **kwargs)
+    engine = Engine(
+        tiny_model(max_batch_size, max_seq_len), ByteTokenizer(), max_batch_size=max_batch_size, max_seq_len=max_seq_len, **kwargs
+    )
     if start:
         engine.start()
     return engine

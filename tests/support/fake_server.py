@@ -19,16 +19,26 @@ class FakeServer:
     """Streams `max_tokens` one-token chunks (3 without min_tokens, like an early EOS), after a fixed
     delay; every `fail_every`-th request gets a 503, and `break_stream` sends an error event mid-stream."""
 
-    def __init__(self, *, fail_every: int = 0, send_usage: bool = True, break_stream: bool = False, cut_at: int = 0,
-                 first_token_delay: float = FIRST_TOKEN_DELAY, token_gap: float = TOKEN_GAP) -> None:
+    def __init__(
+        self,
+        *,
+        fail_every: int = 0,
+        send_usage: bool = True,
+        break_stream: bool = False,
+        cut_at: int = 0,
+        first_token_delay: float = FIRST_TOKEN_DELAY,
+        token_gap: float = TOKEN_GAP,
+    ) -> None:
         self.fail_every, self.send_usage, self.break_stream = fail_every, send_usage, break_stream
         self.first_token_delay, self.token_gap = first_token_delay, token_gap
         self.cut_at = cut_at  # end the response after this many chunks, without [DONE]
         self.bodies: list[dict[str, Any]] = []
-        self.app = Starlette(routes=[
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+            ]
+        )
 
     async def models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
@@ -58,8 +68,9 @@ class FakeServer:
             if self.cut_at and i == self.cut_at:
                 return
             finish = ("length" if n > 3 else "stop") if i == n - 1 else None
-            yield event({"id": "cmpl-1", "object": "text_completion",
-                         "choices": [{"index": 0, "text": " w", "finish_reason": finish}]})
+            yield event(
+                {"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": " w", "finish_reason": finish}]}
+            )
         if include_usage:
             yield event({"id": "cmpl-1", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n}})
         yield "data: [DONE]\n\n"

@@ -40,8 +40,15 @@ class ScriptedModel:
     also args.vocab_size and tok_embeddings.weight.device, which model.llama.Transformer has too.
     """
 
-    def __init__(self, script: Sequence[int], prompt_len: int = 0, fallback: int | None = None, vocab_size: int = 259,
-                 max_batch_size: int = 4, max_seq_len: int = 128) -> None:
+    def __init__(
+        self,
+        script: Sequence[int],
+        prompt_len: int = 0,
+        fallback: int | None = None,
+        vocab_size: int = 259,
+        max_batch_size: int = 4,
+        max_seq_len: int = 128,
+    ) -> None:
         self.script, self.prompt_len, self.fallback = list(script), prompt_len, fallback
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.vocab_size = vocab_size
@@ -49,8 +56,15 @@ class ScriptedModel:
         self.args = SimpleNamespace(vocab_size=vocab_size)
         self.tok_embeddings = SimpleNamespace(weight=torch.zeros(1, device=self.device))
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None = None, *,
-                 kv_len: int | None = None, all_logits: bool = False) -> torch.Tensor:
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        *,
+        kv_len: int | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
         logits = torch.zeros(*tokens.shape, self.vocab_size)
         if self.fallback is not None:
             logits[..., self.fallback] = 5.0

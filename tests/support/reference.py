@@ -28,7 +28,7 @@ def reference_greedy_logprobs(prompt: list[int], max_tokens: int, seed: int = 0)
         token = int(logits.argmax())
         tokens.append(token)
         logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
-    return tokens[len(prompt):], logprobs
+    return tokens[len(prompt) :], logprobs
 
 
 def reference_greedy(prompt: list[int], max_tokens: int, seed: int = 0) -> list[int]:

@@ -16,8 +16,30 @@ WORDS = (
     "international1 x86_64 UTF-8 e.g. i.e. O'Neil rock'n'roll co-op a b c"
 ).split()
 SCRIPTS = (
-    "你好世界", "東京都", "한국어", "こんにちは", "مرحبا بالعالم", "שלום", "नमस्ते दुनिया", "Привет мир",
-    "Ελληνικά", "ไทย", "🎉", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "❤️", "e\u0301", "n\u0303", "Å", "ﬁ", "①", "½", "²", "٣", "七",
+    "你好世界",
+    "東京都",
+    "한국어",
+    "こんにちは",
+    "مرحبا بالعالم",
+    "שלום",
+    "नमस्ते दुनिया",
+    "Привет мир",
+    "Ελληνικά",
+    "ไทย",
+    "🎉",
+    "👍🏽",
+    "👨‍👩‍👧‍👦",
+    "🏳️‍🌈",
+    "❤️",
+    "e\u0301",
+    "n\u0303",
+    "Å",
+    "ﬁ",
+    "①",
+    "½",
+    "²",
+    "٣",
+    "七",
 )
 CODE = (
     "def f(x):\n    return x + 1\n",
@@ -26,8 +48,8 @@ CODE = (
     "const s = `${a}+${b}`;  // comment\n",
     "SELECT * FROM t WHERE id=42;\r\n",
     "    \n\n    x = [1, 2, 3]\n",
-    "<div class=\"a\">&nbsp;</div>",
-    "print(\"hi\")\t# tab\n",
+    '<div class="a">&nbsp;</div>',
+    'print("hi")\t# tab\n',
 )
 SPECIAL_TEXT = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<repo_name>", "<|eot_id|>", "<s>", "</s>", "<|im_start")
 # The 21 bytes with no SmolLM2 token: ASCII controls and the lead bytes of planes 4..11 (0xF1, 0xF2).
@@ -70,9 +92,29 @@ def corpus(n: int = 2200, seed: int = 1234, *, specials: bool = True, missing: b
     """n strings: fixed edge cases first, then random mixes of the pieces above."""
     rng = random.Random(seed)
     fixed = [
-        "", " ", "  1", "\n\n42", "   123456", "a  1", "x\t\t7", "1 2  3   4", "Hello, world!", "I'M HERE",
-        "'s 'S 'll", "2024-11-25T08:40:00Z", "3.14159", " \n\n\n", "  hello", "hello  ", "a\u0301b", "🎉🎉🎉",
-        "".join(MISSING_CHARS), "a\x04b", "\x04\x04x", " \U00040000", "x\U000bfffdy",
+        "",
+        " ",
+        "  1",
+        "\n\n42",
+        "   123456",
+        "a  1",
+        "x\t\t7",
+        "1 2  3   4",
+        "Hello, world!",
+        "I'M HERE",
+        "'s 'S 'll",
+        "2024-11-25T08:40:00Z",
+        "3.14159",
+        " \n\n\n",
+        "  hello",
+        "hello  ",
+        "a\u0301b",
+        "🎉🎉🎉",
+        "".join(MISSING_CHARS),
+        "a\x04b",
+        "\x04\x04x",
+        " \U00040000",
+        "x\U000bfffdy",
     ]
     if specials:
         fixed += ["<|im_start|>user\nhi<|im_end|>\n", "x<|im_end|>y", "<|im_start|><|im_start|>", "<|im_end"]
