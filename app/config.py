@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(8, ge=1, description="KV-cache slots: requests decoded together")
     max_seq_len: int = Field(2048, ge=8, description="context length per slot (prompt + completion)")
-    max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 503")
+    max_queue: int = Field(256, ge=1, description="requests waiting for a slot before 503")
+    max_choices_per_request: int = Field(
+        64,
+        ge=1,
+        description="most completions (prompts x n) one request may ask for, else 400; slots are shared out between requests",
+    )
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill step")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     chat_format: Literal["chatml", "llama3", "llama2"] | None = Field(None, description="override the detected chat format")

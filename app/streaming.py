@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.engine import GenerationOutput
+from app.engine import EngineDraining, GenerationOutput
 from app.engine.handle import OutputQueue
 from app.errors import APIError, from_engine_error, internal_error
 from app.metrics import Metrics
@@ -125,8 +126,9 @@ class StreamWriter(Protocol):
 async def sse_stream(
     writer: StreamWriter, choices: list[Choice], queue: OutputQueue, metrics: Metrics, keepalive_s: float, rid: str
 ) -> AsyncIterator[str]:
-    """The frame every stream shares: the writer's events, keep-alives while idle, an error event if
-    the engine fails mid-stream, then [DONE]."""
+    """The frame every stream shares: the writer's events, keep-alives while idle, then [DONE]. An
+    engine failure mid-stream, or a drain that cuts the stream (code `server_draining`), becomes an
+    error event before [DONE]."""
     try:
         for event in writer.start():
             yield event
@@ -136,8 +138,13 @@ async def sse_stream(
                 continue
             choice, output = item
             choice.add(output, metrics)
-            for event in writer.output(choice, output):
+            cut = output.finish_reason == "abort"  # the drain ran out of time: the text so far, then an error
+            for event in writer.output(choice, replace(output, finish_reason=None) if cut else output):
                 yield event
+            if cut:
+                yield error_event(EngineDraining("the server is shutting down"), rid)
+                yield sse("[DONE]")
+                return
         for event in writer.end():
             yield event
     except Exception as e:  # noqa: BLE001 - after the 200 an error can only be an event

@@ -517,9 +517,10 @@ def test_random_mix_of_cancels_and_a_drain_never_hangs_and_leaves_no_slot_behind
             continue
         if plan != "never" or not outputs:
             continue
-        assert outputs[-1].finish_reason == "length"
         expected = reference_greedy(request.prompt_ids, request.max_tokens)
         got = ids_of(outputs)
+        # a drain that cuts a request short says so ("abort"), never "length"
+        assert outputs[-1].finish_reason == ("length" if len(got) == request.max_tokens else "abort")
         assert got == expected[: len(got)]
         if drain_timeout > 1:
             assert got == expected

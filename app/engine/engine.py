@@ -20,7 +20,7 @@ RequestFailed instead of hanging.
 
 Drain: submit raises EngineDraining (an EngineOverloaded); running and waiting requests may finish
 until the timeout; those still unfinished then end with a final output (the text so far flushed,
-finish_reason "length") so that clients see a well-formed end.
+finish_reason "abort") so that clients see a well-formed end and can tell it from max_tokens.
 """
 
 from __future__ import annotations
@@ -141,12 +141,18 @@ class Engine:
         check_request(request, self.vocab_size, self.max_seq_len)
 
     def submit(
-        self, request: GenerationRequest, *, request_id: str | None = None, queue: OutputQueue | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        request_id: str | None = None,
+        queue: OutputQueue | None = None,
+        group: str | None = None,
     ) -> RequestHandle:
         """Validate and queue; call from the event loop. Raises at once instead of queueing too much.
 
         `request_id` names it in logs (the API passes its response id); `queue` lets several handles
-        share one output queue (app/streaming.py reads it).
+        share one output queue (app/streaming.py reads it); requests of one `group` (the choices of one
+        API request) take turns for slots with other groups.
         """
         self.validate(request)
         loop = asyncio.get_running_loop()
@@ -157,12 +163,12 @@ class Engine:
                 raise EngineDraining("the server is shutting down")
             order = next(self._ids)
             handle = RequestHandle(request_id or f"req-{order}", self, loop, queue)
-            self.scheduler.add(self._new_request(handle, request, order))
+            self.scheduler.add(self._new_request(handle, request, order, group or handle.request_id))
             self._cond.notify()
         return handle
 
     async def drain(self, timeout: float) -> None:
-        """Stop admitting, let work finish for up to `timeout` s, then end what is left ("length")."""
+        """Stop admitting, let work finish for up to `timeout` s, then end what is left ("abort")."""
         with self._cond:
             self._accepting = False
         deadline = time.monotonic() + timeout
@@ -229,9 +235,11 @@ class Engine:
         """Send every request what this step produced; finished and failed requests give back their slots."""
         for request in plan.cancelled:
             request.handle.put(END)
-        for request in plan.ended + plan.no_compute + result.prompt_done:
+        for request in plan.ended:
+            request.handle.put(self.output_processor.end(request, "abort"))
+        for request in plan.no_compute + result.prompt_done:
             self.scheduler.release(request)
-            request.handle.put(self.output_processor.end(request))
+            request.handle.put(self.output_processor.end(request, "length"))
         for request, error in result.failed:
             self._fail(request, error)
         self._prompt_tokens_total += sum(chunk.length for chunk in plan.prefill)
@@ -247,7 +255,7 @@ class Engine:
                 self.scheduler.release(request)
             request.handle.put(output)
 
-    def _new_request(self, handle: RequestHandle, params: GenerationRequest, order: int) -> Request:
+    def _new_request(self, handle: RequestHandle, params: GenerationRequest, order: int, group: str) -> Request:
         return Request(
             handle=handle,
             params=params,
@@ -256,6 +264,7 @@ class Engine:
             matcher=StopMatcher(params.stop),
             timings=RequestTimings(arrival=time.monotonic()),
             order=order,
+            group=group,
             tokens=list(params.prompt_ids),
             prompt_logprobs=[None] if params.prompt_logprobs else None,
         )

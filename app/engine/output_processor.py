@@ -2,7 +2,8 @@
 
 Stopping: the request's stop ids end it with "stop" once min_tokens tokens exist (before that the
 sampler bans them); the stop token counts as generated but is not rendered. Stop strings
-(app/stop.py) end it with "stop" and are never sent. max_tokens or a full slot end it with "length".
+(app/stop.py) end it with "stop" and are never sent. max_tokens or a full slot end it with "length",
+a drain that runs out of time with "abort".
 Text is pushed through one detokenizer per request, so the text offsets that logprobs report are
 offsets into the very text sent.
 """
@@ -44,10 +45,11 @@ class OutputProcessor:
         logprobs = [logprob] if params.sampling.logprobs is not None and logprob is not None else None
         return self.output(request, text, [token], logprobs, finish, [offset])
 
-    def end(self, request: Request) -> GenerationOutput:
-        """End a request now with what it has ("length"): a drain ran out of time, or max_tokens is 0."""
+    def end(self, request: Request, reason: str) -> GenerationOutput:
+        """End a request now with what it has: "length" when max_tokens is 0, "abort" when a drain ran
+        out of time (so that clients can tell it from max_tokens)."""
         text = self._flush(request)
-        return self.output(request, text, [], [] if request.params.sampling.logprobs is not None else None, "length")
+        return self.output(request, text, [], [] if request.params.sampling.logprobs is not None else None, reason)
 
     def output(
         self,

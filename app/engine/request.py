@@ -86,7 +86,7 @@ class GenerationOutput:
     text: str  # new text; never any part of a matched stop string; UTF-8 safe
     token_ids: list[int]  # new generated tokens
     logprobs: list[TokenLogprob] | None  # one per new token when sampling.logprobs is not None
-    finish_reason: str | None  # "stop" | "length" | None
+    finish_reason: str | None  # "stop" | "length" | "abort" (cut by a drain) | None
     num_prompt_tokens: int
     num_generated_tokens: int  # running total
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only; entry 0 is None
@@ -167,6 +167,7 @@ class Request:
     matcher: StopMatcher
     timings: RequestTimings
     order: int  # arrival order: prefill is first come, first served
+    group: str = ""  # the API request this is a choice of (admission takes turns between groups)
     status: RequestStatus = RequestStatus.WAITING
     slot: int = -1
     tokens: list[int] = field(default_factory=list)  # prompt + generated

@@ -5,7 +5,8 @@ Waiting requests take free slots lowest first, so a full house of B requests run
 the cache is read as a view. Prefill is chunked: at most `prefill_chunk` prompt tokens per step in
 all, first come first served, each prompt cut at multiples of `prefill_chunk` from its own start (so
 its numbers never depend on the other prompts: model/invariance.py). A long prompt therefore delays
-the running streams by at most one chunk per step instead of its whole length.
+the running streams by at most one chunk per step instead of its whole length. Admission takes turns
+between API requests, so one request with many choices cannot hold every slot (_next_waiting).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from app.engine.request import EngineOverloaded, Request, RequestStatus
@@ -120,9 +121,9 @@ class Scheduler:
             with self.lock:
                 if not self.waiting:
                     return
-                request = self.waiting[0]
+                request = self._next_waiting()
                 if not request.needs_model:  # no slot needed
-                    self.waiting.popleft()
+                    self.waiting.remove(request)
                     plan.no_compute.append(request)
                     continue
                 if not self.free:
@@ -131,8 +132,18 @@ class Scheduler:
                 request.status = RequestStatus.PREFILLING
                 request.timings.scheduled = time.monotonic()
                 self.running[request.slot] = request
-                self.waiting.popleft()
+                self.waiting.remove(request)
             plan.admitted.append(request)
+
+    def _next_waiting(self) -> Request:
+        """The oldest waiting request of the group (API request) with the fewest choices in slots.
+
+        One request with many choices (prompts x n) takes turns with the others instead of holding
+        every slot until all of its choices are done: a small request sent after it gets the next free
+        slot. Requests that are their own group (one choice each) are first come, first served.
+        """
+        running = Counter(r.group for r in self.running.values())
+        return min(self.waiting, key=lambda r: running[r.group])  # min keeps the first (oldest) of equals
 
     def _prefill_chunks(self) -> list[PrefillChunk]:
         """Whole chunks up to prefill_chunk tokens in all (at least one). A chunk larger than what is

@@ -22,8 +22,8 @@ from app.protocol.responses import (
     ChatLogprobs,
     now,
 )
-from app.routes.choices import Choice, usage_of
-from app.routes.generation import read_generation_request, sampling_params, submit_choices
+from app.routes.choices import Choice, usage_of, wire_finish_reason
+from app.routes.generation import off_the_loop, read_generation_request, sampling_params, submit_choices
 from app.routes.openapi_docs import generation_responses, request_body
 from app.streaming import CLIENT_CLOSED_REQUEST, SSEResponse, abort_all, collect, sse, sse_stream
 from model.chat import ChatFormatError, end_of_turn_ids, render_chat
@@ -41,7 +41,7 @@ router = APIRouter()
 async def chat_completions(request: Request) -> Response:
     body, state, engine, loaded = await read_generation_request(request, ChatCompletionRequest)
     tokenizer = loaded.tokenizer
-    prompt_ids = chat_prompt(body, loaded, state)
+    prompt_ids = await off_the_loop(chat_prompt, body, loaded, state)
     max_tokens = body.requested_max_tokens()
     if max_tokens is None:  # up to the context; a prompt that fills it fails the engine's length check
         max_tokens = max(state.max_model_len - len(prompt_ids), 1)
@@ -62,7 +62,7 @@ async def chat_completions(request: Request) -> Response:
         )
         for i in range(body.n or 1)
     ]
-    choices, queue = submit_choices(request, engine, requests, prompt_param="messages")
+    choices, queue = submit_choices(request, engine, requests, state.settings.max_choices_per_request, prompt_param="messages")
     rid, created = request.state.request_id, now()
     if body.stream:
         writer = ChatStream(choices, body, state, rid, created)
@@ -89,7 +89,9 @@ def chat_response(
     for c in choices:
         logprobs = ChatLogprobs(content=chat_logprobs(tokenizer, c.logprobs, body.top_logprobs or 0)) if body.logprobs else None
         message = AssistantMessage(content="".join(c.text))
-        out.append(ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=c.finish_reason or "stop"))
+        out.append(
+            ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=wire_finish_reason(c.finish_reason))
+        )
     response = ChatCompletionResponse(id=rid, created=created, model=state.model_name, choices=out, usage=usage_of(choices))
     return response.model_dump()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 from app.engine import GenerationOutput, RequestHandle, TokenLogprob
 from app.metrics import Metrics
@@ -57,6 +57,11 @@ class Choice:
         if self.finish_reason is None:
             self.finish_reason = "abort"  # internal only: never serialised
             metrics.observe_finished("abort", self.num_prompt_tokens, self.num_generated_tokens, None)
+
+
+def wire_finish_reason(reason: str | None) -> Literal["stop", "length"]:
+    """A whole response's finish_reason: a drain cut ("abort") reads as "length", the text is all there is."""
+    return "stop" if reason in (None, "stop") else "length"
 
 
 def usage_of(choices: list[Choice]) -> Usage:

@@ -14,8 +14,8 @@ from app.protocol.logprobs import LegacyLogprobs, merge_logprobs
 from app.protocol.requests import CompletionRequest
 from app.protocol.responses import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, now
 from app.protocol.token_text import spelled_out
-from app.routes.choices import Choice, usage_of
-from app.routes.generation import read_generation_request, sampling_params, submit_choices
+from app.routes.choices import Choice, usage_of, wire_finish_reason
+from app.routes.generation import off_the_loop, read_generation_request, sampling_params, submit_choices
 from app.routes.openapi_docs import generation_responses, request_body
 from app.streaming import CLIENT_CLOSED_REQUEST, SSEResponse, abort_all, collect, sse, sse_stream
 from model.tokenizer import Tokenizer
@@ -32,7 +32,7 @@ router = APIRouter()
 async def completions(request: Request) -> Response:
     body, state, engine, loaded = await read_generation_request(request, CompletionRequest)
     tokenizer = loaded.tokenizer
-    prompts = encode_prompts(body, tokenizer, state.add_bos)
+    prompts = await off_the_loop(encode_prompts, body, tokenizer, state.add_bos)
     requests = [
         (
             p,
@@ -50,9 +50,9 @@ async def completions(request: Request) -> Response:
         for p, ids in enumerate(prompts)
         for i in range(body.n or 1)
     ]
-    choices, queue = submit_choices(request, engine, requests)
+    choices, queue = submit_choices(request, engine, requests, state.settings.max_choices_per_request)
     if body.echo:  # after validation: only ids inside the vocabulary can be spelled out
-        texts = [text if isinstance(text, str) else spelled_out(tokenizer, text) for text in body.prompts()]
+        texts = [text if isinstance(text, str) else await off_the_loop(spelled_out, tokenizer, text) for text in body.prompts()]
         for choice in choices:
             choice.echo_text = texts[choice.prompt_index]
     rid, created = request.state.request_id, now()
@@ -95,7 +95,7 @@ def completion_response(
             text=c.echo_text + "".join(c.text),
             index=c.index,
             logprobs=choice_logprobs(c, tokenizer) if body.logprobs is not None else None,
-            finish_reason=c.finish_reason or "stop",
+            finish_reason=wire_finish_reason(c.finish_reason),
         )
         for c in choices
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TypeVar
+from typing import Any, Callable, TypeVar
 
 from fastapi import Request
 
@@ -21,6 +21,14 @@ from model.sampling import SamplingParams
 
 log = logging.getLogger("llamaserve")
 GenerationBodyT = TypeVar("GenerationBodyT", bound=SamplingFields)
+T = TypeVar("T")
+
+
+async def off_the_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run tokenizer work (encode, chat rendering, decode) in a worker thread: a 4 MB prompt takes
+    seconds to tokenize, and on the event loop it would stall /health and every stream meanwhile.
+    (Tokenizers run no torch ops, so the worker threads start no OpenMP pools.)"""
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def server_state(request: Request) -> ServerState:
@@ -62,20 +70,23 @@ def submit_choices(
     request: Request,
     engine: Engine,
     requests: list[tuple[int, GenerationRequest]],
+    max_choices: int,
     prompt_param: str = "prompt",
 ) -> tuple[list[Choice], OutputQueue]:
     """Submit every choice, or none. `requests` holds (prompt index, engine request) pairs.
 
     All are validated before any is queued, so a bad one costs nothing. Each engine request is named
     after the response id (`cmpl-...`, with `-k` for choice k when there are several), so the engine's
-    log lines and the response carry the same id. More choices than the queue holds cannot be admitted
-    (all are queued before the engine takes any): a 400, not a 503 that clients would retry in vain.
+    log lines and the response carry the same id. One request may ask for at most `max_choices`
+    completions (prompts x n; --max-choices-per-request), and never more than the queue holds: a 400,
+    not a 503 that clients would retry in vain.
     """
     rid: str = request.state.request_id
-    if len(requests) > engine.max_queue:
+    limit = min(max_choices, engine.max_queue)
+    if len(requests) > limit:
         raise bad_request(
-            f"This request needs {len(requests)} completions (prompts x n), more than this server can take at once "
-            f"({engine.max_queue}); lower n or send fewer prompts per request.",
+            f"This request needs {len(requests)} completions (prompts x n), more than this server takes in one "
+            f"request ({limit}); lower n or send fewer prompts per request.",
             param="n",
         )
     queue: OutputQueue = asyncio.Queue()
@@ -85,7 +96,7 @@ def submit_choices(
             engine.validate(generation)
         for k, (prompt_index, generation) in enumerate(requests):
             engine_id = rid if len(requests) == 1 else f"{rid}-{k}"
-            handle = engine.submit(generation, request_id=engine_id, queue=queue)
+            handle = engine.submit(generation, request_id=engine_id, queue=queue, group=rid)
             choices.append(Choice(k, prompt_index, handle, generation.prompt_ids))
     except Exception as e:
         for choice in choices:

@@ -21,7 +21,7 @@ from app.protocol.responses import (
 )
 from app.protocol.token_text import spelled_out, token_text
 from app.routes.body import read_body
-from app.routes.generation import server_state
+from app.routes.generation import off_the_loop, server_state
 from app.routes.openapi_docs import error_responses, request_body
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
@@ -77,7 +77,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
     state = server_state(request)
     tokenizer = state.require_loaded().tokenizer
     state.check_model(body.model)
-    ids = tokenizer.encode(body.prompt, bos=state.add_bos and body.add_special_tokens, allow_special=True)
+    ids = await off_the_loop(tokenizer.encode, body.prompt, bos=state.add_bos and body.add_special_tokens, allow_special=True)
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len).model_dump()
 
 
@@ -97,7 +97,7 @@ async def detokenize(request: Request) -> dict[str, Any]:
             error = out_of_vocabulary("tokens", token_id, tokenizer.vocab_size)
             raise bad_request(error.message, param=error.param)
     # Control tokens by name, as HF's decode (and so vLLM) writes them: /tokenize reads the text back to the same ids.
-    return DetokenizeResponse(prompt=spelled_out(tokenizer, body.tokens)).model_dump()
+    return DetokenizeResponse(prompt=await off_the_loop(spelled_out, tokenizer, body.tokens)).model_dump()
 
 
 @get_and_head("/tokenizer_info", response_model=TokenizerInfoResponse, responses=error_responses(503))
