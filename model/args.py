@@ -33,7 +33,7 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: int | None = None
+    n_kv_heads: int = 0  # 0 (or None from a config): n_heads, i.e. no grouped-query attention
     vocab_size: int = -1
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
@@ -42,8 +42,8 @@ class ModelArgs:
     max_batch_size: int = 32
     max_seq_len: int = 2048
     # Relatives of Llama.
-    hidden_dim: int | None = None  # explicit FFN size (HF `intermediate_size`); else Meta's formula
-    head_dim: int | None = None  # defaults to dim // n_heads
+    hidden_dim: int = 0  # explicit FFN size (HF `intermediate_size`); 0 (or None): Meta's formula
+    head_dim: int = 0  # 0 (or None): dim // n_heads
     qkv_bias: bool = False  # Qwen2
     tie_word_embeddings: bool = False  # SmolLM2, Qwen2-0.5B
     rope_scaling: RopeScaling | None = None  # Llama 3.1
@@ -54,11 +54,13 @@ class ModelArgs:
     architecture: str = "llama"
 
     def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
+        # The derived sizes are resolved here, once, so every reader sees ints. `not` also catches
+        # None: the constructors below build their keyword arguments from JSON / GGUF values.
+        if not self.n_kv_heads:
             self.n_kv_heads = self.n_heads
-        if self.head_dim is None:
+        if not self.head_dim:
             self.head_dim = self.dim // self.n_heads
-        if self.hidden_dim is None:
+        if not self.hidden_dim:
             self.hidden_dim = meta_ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
@@ -180,7 +182,9 @@ def required(config: dict[str, Any], name: str, where: str = "HF config") -> Any
 
 def hf_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
     """HF `rope_scaling` (or transformers 5's `rope_parameters`): none/default, or Llama 3.1's `llama3`."""
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return None
     if kind != "llama3":

@@ -122,7 +122,7 @@ def iter_state_dict(reader: GGUFReader, args: ModelArgs) -> Iterator[tuple[str, 
         if permute and ".attention.wq." in name:
             weight = unpermute_rotary(weight, args.n_heads)
         elif permute and ".attention.wk." in name:
-            weight = unpermute_rotary(weight, args.n_kv_heads)  # type: ignore[arg-type]
+            weight = unpermute_rotary(weight, args.n_kv_heads)
         yield name, weight
 
 
@@ -139,8 +139,8 @@ def check_rope_freqs(reader: GGUFReader, args: ModelArgs) -> None:
     factors = dequantize(tensor)
     if args.rope_scaling is None:
         args.rope_scaling = rope_scaling_from_factors(factors)
-    plain = rope_frequencies(args.head_dim, args.rope_theta, None)  # type: ignore[arg-type]
-    scaled = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)  # type: ignore[arg-type]
+    plain = rope_frequencies(args.head_dim, args.rope_theta, None)
+    scaled = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
     if factors.shape != plain.shape or not torch.allclose(plain / factors, scaled, rtol=1e-4):
         raise CheckpointError(f"{ROPE_FREQS} does not match Llama 3.1 rope scaling {args.rope_scaling}: unsupported")
 

@@ -29,7 +29,7 @@ the batch-dependent fast paths.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,14 @@ class TiledLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, decode_row_tile={self.tile}"
 
 
+@runtime_checkable
+class DecodeSwitch(Protocol):
+    """A layer with its own row-independent decode kernel, told here to keep it (quant.Int4Linear,
+    matched structurally: quant imports this module)."""
+
+    batch_invariant: bool
+
+
 def make_batch_invariant(model: nn.Module) -> int:
     """Swap every plain nn.Linear for a TiledLinear and tell int4 layers to keep their kernel in
     decode; returns how many dense layers were swapped. The model's head and attention follow
@@ -110,7 +118,8 @@ def make_batch_invariant(model: nn.Module) -> int:
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(getattr(child, "batch_invariant", None), bool):  # quant.Int4Linear
+            # The protocol check sees only that the attribute exists; its value must be a flag too.
+            if isinstance(child, DecodeSwitch) and isinstance(child.batch_invariant, bool):  # quant.Int4Linear
                 child.batch_invariant = True
             elif type(child) is nn.Linear:
                 setattr(parent, name, TiledLinear(child))

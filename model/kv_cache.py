@@ -11,6 +11,10 @@ from torch import nn
 
 
 class KVCache(nn.Module):
+    # Buffers, registered in __init__: declared so that they read as tensors, not `Tensor | Module`.
+    k: torch.Tensor
+    v: torch.Tensor
+
     def __init__(
         self,
         max_batch_size: int,

@@ -135,6 +135,10 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Token ids in, fp32 logits out. Build on the meta device, load weights, then `setup_cache`."""
 
+    # Buffers registered by setup_cache (absent before it): declared so that they read as tensors.
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
@@ -161,6 +165,7 @@ class Transformer(nn.Module):
         self.head_tile = row_tile(self.head_weight()) if batch_invariant else 0
         self.cache_len = round_up(max_seq_len, KV_BLOCK) if batch_invariant else max_seq_len
         for layer in self.layers:
+            assert isinstance(layer, TransformerBlock)  # nn.ModuleList yields plain Modules
             layer.attention.cache = KVCache(
                 max_batch_size, self.cache_len, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device
             )

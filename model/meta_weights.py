@@ -35,7 +35,7 @@ def read_meta(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         if name.endswith("attention.wq.weight"):
             state[name] = unpermute_meta(state[name], args.n_heads)
         elif name.endswith("attention.wk.weight"):
-            state[name] = unpermute_meta(state[name], args.n_kv_heads)  # type: ignore[arg-type]
+            state[name] = unpermute_meta(state[name], args.n_kv_heads)
     state.pop("rope.freqs", None)  # Llama 2 checkpoints store their rope table; it is recomputed
     return args, state
 

@@ -305,8 +305,8 @@ class Sampler:
         logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)
         k = min(max(w or 0 for w in wanted), logp.shape[-1])  # a toy vocabulary may be smaller than k
         top = logp.topk(k, dim=-1) if k > 0 else None
-        top_ids = top.indices.tolist() if top is not None else None
-        top_vals = top.values.tolist() if top is not None else None
+        top_ids: list[list[int]] = top.indices.tolist() if top is not None else []
+        top_vals: list[list[float]] = top.values.tolist() if top is not None else []
 
         def finish(token_ids: list[int]) -> list[TokenLogprob | None]:
             chosen = logp.gather(1, torch.tensor(token_ids, device=logp.device)[:, None]).squeeze(1).tolist()
@@ -315,7 +315,7 @@ class Sampler:
                 if n is None:
                     out.append(None)
                     continue
-                alternatives = list(zip(top_ids[row][:n], top_vals[row][:n])) if top_ids is not None else []
+                alternatives = list(zip(top_ids[row][:n], top_vals[row][:n])) if top is not None else []
                 out.append(TokenLogprob(token_ids[row], chosen[row], alternatives))
             return out
 

@@ -363,7 +363,8 @@ def test_long_prompt_prefill_is_chunked_and_does_not_stall_a_running_stream() ->
     assert tokens_meanwhile >= 11
 
 
-def test_drain_refuses_new_work_and_ends_the_rest_with_length() -> None:
+def test_drain_refuses_new_work_and_ends_the_rest_with_abort() -> None:
+    """What the drain timeout cuts ends with "abort", never "length" (which would read as max_tokens)."""
     engine = make_engine(max_batch_size=1)
     forward = engine.model
 
@@ -387,8 +388,8 @@ def test_drain_refuses_new_work_and_ends_the_rest_with_length() -> None:
         return await first, await second
 
     first, second = run(main())
-    assert first[-1].finish_reason == "length" and len(ids_of(first)) < 120
-    assert second[-1].finish_reason == "length"
+    assert first[-1].finish_reason == "abort" and len(ids_of(first)) < 120
+    assert second[-1].finish_reason == "abort"
     assert not engine.stats().accepting
     engine.shutdown()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Sequence
+from typing import Literal, Sequence
 
 import regex
 import tiktoken
@@ -27,6 +27,9 @@ from model.tokenizer.common import (
     _scrub,
     _stop_ids,
 )
+
+# A Unicode normalization form, as unicodedata.normalize names it (HF's NFC normalizer: Qwen2).
+UnicodeForm = Literal["NFC", "NFD", "NFKC", "NFKD"]
 
 # Pre-tokenizer patterns, each proven against HF `tokenizers` on the same vocabulary (tests).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -87,7 +90,7 @@ class BPETokenizer(_IdTable):
         eos_id: int | None = None,
         stop_ids: frozenset[int] = frozenset(),
         rank_to_id: list[int] | None = None,
-        normalization: str | None = None,
+        normalization: UnicodeForm | None = None,
         unk_id: int | None = None,
         fuse_unk: bool = False,
     ) -> None:
@@ -169,7 +172,7 @@ def bpe_from_vocab(
     merges: Sequence[tuple[str, str]],
     pattern: str,
     types: Sequence[int] | None = None,
-    normalization: str | None = None,
+    normalization: UnicodeForm | None = None,
     bos_id: int | None = None,
     eos_id: int | None = None,
     unk_id: int | None = None,
@@ -206,10 +209,10 @@ def bpe_from_vocab(
     merged: list[int] = []
     seen: set[int] = set()
     for left, right in merges:
-        i = normal.get(left + right)
-        if i is not None and i not in seen:
-            seen.add(i)
-            merged.append(i)
+        merged_id = normal.get(left + right)
+        if merged_id is not None and merged_id not in seen:
+            seen.add(merged_id)
+            merged.append(merged_id)
     order = singles + merged
     if all(a < b for a, b in zip(merged, merged[1:])):
         ranks, rank_to_id = {id_bytes[i]: i for i in order}, None

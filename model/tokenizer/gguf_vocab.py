@@ -15,6 +15,7 @@ from model.tokenizer.bpe import (
     LLAMA3_PATTERN,
     QWEN2_PATTERN,
     SMOLLM_PATTERN,
+    UnicodeForm,
     _split_merge,
     bpe_from_vocab,
 )
@@ -24,7 +25,7 @@ from model.tokenizer.spm import SentencePieceTokenizer
 # llama.cpp `tokenizer.ggml.pre` -> (pattern, unicode normalization of the original HF tokenizer).
 # NFC is Python's (Unicode 14); HF's Rust tables are older, so text with combining marks added since
 # (e.g. U+07FD) can be ordered differently: 3 in 20,000 random-codepoint strings, 0 in realistic text.
-GGUF_PRE_TOKENIZERS: dict[str, tuple[str, str | None]] = {
+GGUF_PRE_TOKENIZERS: dict[str, tuple[str, UnicodeForm | None]] = {
     "gpt2": (GPT2_PATTERN, None),
     "smollm": (SMOLLM_PATTERN, None),
     "llama-bpe": (LLAMA3_PATTERN, None),

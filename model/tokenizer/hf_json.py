@@ -18,6 +18,7 @@ from model.tokenizer.bpe import (
     QWEN2_PATTERN,
     SMOLLM_PATTERN,
     BPETokenizer,
+    UnicodeForm,
     _split_merge,
     bpe_from_vocab,
 )
@@ -44,7 +45,7 @@ def _hf_pattern(pre: dict[str, Any] | None) -> str:
     raise unsupported
 
 
-def _hf_normalization(normalizer: dict[str, Any] | None) -> str | None:
+def _hf_normalization(normalizer: dict[str, Any] | None) -> UnicodeForm | None:
     """None or NFC (Qwen2); other normalizers are refused rather than approximated."""
     if normalizer is None or (normalizer.get("type") == "Sequence" and not normalizer.get("normalizers")):
         return None
