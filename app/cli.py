@@ -73,13 +73,14 @@ def serve(settings: Settings) -> int:
 
     Imports the app (and so torch) only now: main() sets the OpenMP policy first (model/threads.py).
     """
+    from app.connections import uvicorn_config
     from app.server import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on")
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, app.state.server)
     app.state.server.on_failure = server.fail
     server.run()

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated allowed CORS origins")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted (else 413)")
+    read_timeout: float = Field(
+        30.0, gt=0, description="seconds a client has for its request headers (else the connection closes) and body (else 408)"
+    )
+    max_connections: int = Field(1024, ge=1, description="connections served at once; more get 503 at once")
     drain_timeout: float = Field(30.0, ge=0, description="seconds to let running requests finish on shutdown")
     keepalive_s: float = Field(10.0, gt=0, description="seconds between SSE keep-alive comments while a stream waits")
     warmup: bool = Field(True, description="run a short generation before reporting ready")

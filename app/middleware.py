@@ -3,6 +3,7 @@ request ids, the API key, the body size limit."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -23,8 +24,11 @@ GENERATION_ID_PREFIX = {"/v1/completions": "cmpl", "/v1/chat/completions": "chat
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's x-request-id we echo and log; others are ignored
 
 
-async def send_error(send: Send, error: APIError) -> None:
+async def send_error(send: Send, error: APIError, close: bool = False) -> None:
+    """Answer with `error` before the app runs; `close` ends the connection (its request is unread)."""
     response = error.response()
+    if close:
+        response.headers["connection"] = "close"
     await response({"type": "http"}, _no_receive, send)
 
 
@@ -33,10 +37,12 @@ async def _no_receive() -> Any:
 
 
 class BodyLimitMiddleware:
-    """Reject bodies over max_bytes with 413 in the envelope; the body is read once and replayed."""
+    """Reject bodies over max_bytes with 413 and bodies not complete within read_timeout seconds with
+    408, in the envelope; the body is read once and replayed. (A body that never ends would otherwise
+    hold its connection and up to max_bytes of memory forever.)"""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float = 30.0) -> None:
+        self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -45,16 +51,22 @@ class BodyLimitMiddleware:
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
             return await send_error(send, too_large)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                return await send_error(send, too_large)
+        chunks: list[bytes] = []
+        size, more = 0, True
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    more = message.get("more_body", False)
+                    if size > self.max_bytes:
+                        return await send_error(send, too_large)
+        except TimeoutError:
+            slow = APIError(408, f"The request body did not arrive within {self.read_timeout:g} s.", code="request_timeout")
+            return await send_error(send, slow, close=True)
         body, replayed = b"".join(chunks), False
 
         async def replay() -> Any:

@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     app.state.server = state
     install_error_handlers(app)
     # Outermost last: CORS answers preflights, then the key is checked before any body is read.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout=settings.read_timeout)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:

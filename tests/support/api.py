@@ -14,6 +14,7 @@ import httpx
 import uvicorn
 
 from app.config import Settings
+from app.connections import uvicorn_config
 from app.server import create_app
 from model.checkpoint import LoadedModel
 from model.tokenizer import ByteTokenizer
@@ -125,7 +126,7 @@ def uvicorn_thread(cfg: Settings, loaded: LoadedModel) -> Iterator[tuple[str, An
     """A real uvicorn server on a loopback port in a thread; yields (base_url, server state)."""
     app = create_app(cfg, loaded)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, cfg, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     state = app.state.server
