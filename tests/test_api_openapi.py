@@ -72,3 +72,22 @@ def test_docs_and_schema_are_open_even_with_an_api_key() -> None:
     docs = client.get("/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text
     assert client.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 401
+
+
+def bounds_keywords(node: Any, path: str = "") -> list[str]:
+    """Where a schema carries pydantic's constraint names (ge, le, gt, lt) instead of JSON Schema's."""
+    if isinstance(node, dict):
+        own = [f"{path}.{k}" for k in ("ge", "le", "gt", "lt") if k in node and "type" in node]
+        return own + [p for k, v in node.items() for p in bounds_keywords(v, f"{path}.{k}")]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in bounds_keywords(v, f"{path}[{i}]")]
+    return []
+
+
+def test_integer_bounds_are_json_schema_keywords() -> None:
+    """n, max_tokens, top_k, ... were served as `"ge": 1` (no such keyword): clients and schemathesis saw no bounds."""
+    _, doc = schema()
+    assert bounds_keywords(doc["components"]) == []
+    properties = doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"type": "integer", "minimum": 1, "maximum": 128} in properties["n"]["anyOf"]
+    assert {"type": "integer", "minimum": 0} in properties["max_tokens"]["anyOf"]

@@ -26,7 +26,12 @@ def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-Int = Annotated[int, BeforeValidator(_integral)]  # a count/seed field: integers and integral floats only
+# A count/seed field: integers and integral floats only. A bounded one puts its bounds before the validator,
+# Annotated[int, Field(ge=1), INTEGRAL]: with `Int | None = Field(1, ge=1)` (same validation, same messages)
+# pydantic cannot carry the bounds through the validator into the JSON Schema and served a raw `"ge": 1` (no
+# such keyword) in /openapi.json, so clients and schemathesis saw no bounds (tests/test_api_fuzz.py).
+INTEGRAL = BeforeValidator(_integral)
+Int = Annotated[int, INTEGRAL]
 
 
 class FieldError(ValueError):
@@ -53,7 +58,7 @@ class SamplingFields(_Request):
     model: StrictStr
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    n: Int | None = Field(1, ge=1, le=128)
+    n: Annotated[int, Field(ge=1, le=128), INTEGRAL] | None = 1
     stop: StrictStr | list[StrictStr] | None = None
     seed: Int | None = None
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -63,12 +68,12 @@ class SamplingFields(_Request):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # self-hosted extras (vLLM names)
-    top_k: Int | None = Field(None, ge=-1, le=2**31 - 1)
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1), INTEGRAL] | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: bool | None = False
-    min_tokens: Int | None = Field(0, ge=0)
+    min_tokens: Annotated[int, Field(ge=0), INTEGRAL] | None = 0
 
     @field_validator("stop")
     @classmethod
@@ -108,10 +113,10 @@ PromptType = Union[StrictStr, list[StrictInt], list[StrictStr], list[list[Strict
 
 class CompletionRequest(SamplingFields):
     prompt: PromptType
-    max_tokens: Int | None = Field(16, ge=0)
-    logprobs: Int | None = Field(None, ge=0, le=5)
+    max_tokens: Annotated[int, Field(ge=0), INTEGRAL] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=5), INTEGRAL] | None = None
     echo: bool | None = False
-    best_of: Int | None = Field(None, ge=1)
+    best_of: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     suffix: str | None = None
 
     @field_validator("prompt", mode="wrap")
@@ -177,10 +182,10 @@ class ResponseFormat(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Int | None = Field(None, ge=1)  # OpenAI and vLLM: at least 1 (0 is a legacy-completions thing)
-    max_completion_tokens: Int | None = Field(None, ge=1)
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None  # OpenAI, vLLM: >= 1 (0 is a legacy-completions thing)
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     logprobs: bool | None = False
-    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None

@@ -46,6 +46,8 @@ def unparsable_message(detail: str) -> str:
         return "The JSON body of your request is nested too deeply."
     if "number out of range" in detail:
         return "A number in the JSON body of your request has too many digits."
-    if "surrogate" in detail:
+    # jiter says "lone leading surrogate" for a lone \udc00-\udfff, but "unexpected end of hex escape" for
+    # a \ud800-\udbff not followed by its \u pair (a cut emoji, the common case); a short \u12 is "invalid escape".
+    if "surrogate" in detail or "end of hex escape" in detail:
         return "The request contains invalid Unicode text (a lone surrogate escape)."
     return f"We could not parse the JSON body of your request: {detail.removeprefix('Invalid JSON: ')}."
