@@ -19,6 +19,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from app.config import Settings
+from model.memory import configure_memory
 from model.threads import configure_threads
 
 log = logging.getLogger("llamaserve")
@@ -123,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llamaserve: invalid settings:\n{e}", file=sys.stderr)
         return 2
     configure_threads(settings.threads)
+    configure_memory()  # also before torch loads: bounded native caches
     return serve(settings)
 
 

@@ -57,7 +57,8 @@ def unsupported_media_type(content_type: str) -> APIError:
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    shown = model if len(model) <= 100 else f"{model[:100]}... ({len(model)} characters)"  # OpenAI's wording, bounded
+    return APIError(404, f"The model `{shown}` does not exist.", param="model", code="model_not_found")
 
 
 def unavailable(message: str, *, code: str, retry_after: int = 1) -> APIError:

@@ -154,3 +154,32 @@ def test_submit_names_the_request_and_validation_happens_before_queueing() -> No
 
     assert asyncio.run(main()) == "chatcmpl-abc"
     engine.shutdown()
+
+
+def test_the_engine_trims_the_heap_when_it_runs_out_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freed memory goes back to the OS once the engine is idle, not after every step (model/memory.py)."""
+    import app.engine.engine as engine_module
+
+    engine = Engine(tiny_model(2, 64), ByteTokenizer(), max_batch_size=2, max_seq_len=64)
+    trims: list[int] = []  # the step count at each trim
+
+    def trim() -> bool:
+        trims.append(engine.stats().steps)
+        return True
+
+    monkeypatch.setattr(engine_module, "trim_free_memory", trim)
+
+    async def main() -> None:
+        engine.start()
+        for round_ in range(2):
+            handle = engine.submit(GenerationRequest([72, 105], GREEDY, max_tokens=5, ignore_eos=True))
+            assert len([out async for out in handle]) == 5
+            for _ in range(1000):  # the trim runs on the engine thread right after its last step
+                if len(trims) > round_:
+                    break
+                await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    engine.shutdown()
+    assert len(trims) == 2, "one trim per idle spell"
+    assert trims[0] >= 5 and trims[1] >= trims[0] + 5, "trimmed after the work, not between its steps"

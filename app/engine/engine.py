@@ -51,6 +51,7 @@ from app.engine.request import (
 )
 from app.engine.scheduler import Scheduler, StepPlan
 from app.stop import StopMatcher
+from model.memory import trim_free_memory
 from model.sampling import Sampler
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -277,13 +278,20 @@ class Engine:
         try:
             self.runner.start()
             with torch.inference_mode():
+                worked = False  # since the heap was last trimmed
                 while True:
+                    with self._cond:
+                        idle = not self._stopping and not self.scheduler.has_work()
+                    if idle and worked:  # out of work: hand freed heap pages back (model/memory.py)
+                        trim_free_memory()
+                        worked = False
                     with self._cond:
                         while not self._stopping and not self.scheduler.has_work():
                             self._cond.wait()
                         if self._stopping:
                             break
                     self.step()
+                    worked = True
         except BaseException as e:  # the loop itself failed: nothing may hang on it
             log.exception("engine loop died")
             with self._cond:
