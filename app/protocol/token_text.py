@@ -1,4 +1,5 @@
-"""Token ids as clients see them written: control tokens by name, other tokens as their UTF-8 text."""
+"""Token ids as clients see them written: as generated text has them (control tokens add nothing) or as a prompt
+spells them (control tokens by name)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,38 @@ from model.tokenizer import Tokenizer
 
 
 class TokenTexts:
-    """Token id -> the string clients see: control tokens by name, split UTF-8 as `bytes:\\xNN` (OpenAI's form)."""
+    """Token id -> the string clients see for it in logprobs.
+
+    Generated text never holds a control token (the detokenizer drops it), so `emitted` gives one ""
+    and the logprob tokens of a generation join to its text; `named` writes it by name, as an echoed
+    prompt that spells it out does. Bytes that are not UTF-8 on their own (a character split across
+    tokens) read `bytes:\\xNN`, OpenAI's form.
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.specials = {i: text for text, i in tokenizer.special_tokens.items()}
 
-    def raw(self, token_id: int) -> bytes:
-        special = self.specials.get(token_id)
-        return special.encode() if special is not None else self.tokenizer.token_bytes(token_id)
+    def emitted_bytes(self, token_id: int) -> bytes:
+        """The bytes the token adds to generated text: the detokenizer's, b"" for a control token."""
+        return self.tokenizer.token_bytes(token_id)
 
-    def text(self, token_id: int) -> str:
-        raw = self.raw(token_id)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    def emitted(self, token_id: int) -> str:
+        """The token as generated text has it: a control token is ""."""
+        return readable(self.emitted_bytes(token_id))
+
+    def named(self, token_id: int) -> str:
+        """The token as a prompt writes it: a control token by its name."""
+        name = self.specials.get(token_id)
+        return name if name is not None else self.emitted(token_id)
+
+
+def readable(raw: bytes) -> str:
+    """Bytes as UTF-8 text, or as `bytes:\\xNN...` where they are not (OpenAI's form)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def token_text(tokenizer: Tokenizer, token_id: int | None) -> str | None:
