@@ -151,6 +151,7 @@ def load_weights(
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     model = build_model(args, state, device=device, dtype=dtype, source=path)
+    model.fuse_projections()  # before quantizing: the fused layers are quantized whole
     if resolved == "int4":
         max_rows, dense_dtype = quant.default_layout()
         swapped, inexact = quant.quantize_int4(model, max_rows, dense_dtype, exact_only=quantization == "auto")

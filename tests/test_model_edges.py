@@ -16,6 +16,7 @@ import torch
 
 from model.args import ModelArgs, UnsupportedArchitectureError
 from model.checkpoint import CheckpointError, load_model
+from model.llama import Transformer
 from tests.support import REPO
 from tests.support.models import tiny_model
 
@@ -331,3 +332,21 @@ def test_hf_config_with_another_activation_is_unsupported() -> None:
     assert ModelArgs.from_hf_config({**HF_CONFIG, "hidden_act": "silu"}).hidden_dim == 128
     with pytest.raises(UnsupportedArchitectureError, match="hidden_act"):
         ModelArgs.from_hf_config({**HF_CONFIG, "hidden_act": "gelu"})
+
+
+def test_fused_projections_give_the_unfused_logits() -> None:
+    """fuse_projections stacks wq/wk/wv and w1/w3 (with Qwen2's qkv bias): the same network."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, qkv_bias=True)
+    model = Transformer(args).eval()
+    model.setup_cache(2, 32)
+    tokens = torch.randint(0, 96, (2, 7))
+    positions = torch.arange(7).repeat(2, 1)
+    before = model(tokens, positions, all_logits=True)
+    model.fuse_projections()
+    layer = model.layers[0]
+    assert not hasattr(layer.attention, "wq") and not hasattr(layer.feed_forward, "w1")
+    after = model(tokens, positions, all_logits=True)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    model.fuse_projections()  # a second call changes nothing
+    torch.testing.assert_close(model(tokens, positions, all_logits=True), before, rtol=1e-5, atol=1e-5)

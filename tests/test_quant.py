@@ -196,14 +196,11 @@ def test_smollm2_int4_matches_the_gguf_and_stays_close_to_transformers(smollm2_p
     assert loaded.quantization == "int4"
     ours = loaded.model
     for dense_layer, int4_layer in zip(dense.layers, ours.layers):
-        for part, name in [
-            ("attention", "wq"),
-            ("attention", "wk"),
-            ("attention", "wv"),
+        for part, name in [  # as loaded: wq/wk/wv and w1/w3 fused, each quantized whole
+            ("attention", "wqkv"),
             ("attention", "wo"),
-            ("feed_forward", "w1"),
+            ("feed_forward", "w13"),
             ("feed_forward", "w2"),
-            ("feed_forward", "w3"),
         ]:
             weight = getattr(getattr(dense_layer, part), name).weight
             assert torch.equal(dequantize_groups(*quantize_groups(weight)), weight), name
@@ -233,7 +230,7 @@ def test_engine_on_int4_weights_both_sides_of_max_rows(smollm2_path: Path, monke
     monkeypatch.setattr(quant, "default_layout", lambda: (4, dense_dtype))
     loaded = load_model(smollm2_path, max_batch_size=8, max_seq_len=64, quantization="auto")
     assert loaded.quantization == "int4"
-    assert loaded.model.layers[0].attention.wq.max_rows == 4
+    assert loaded.model.layers[0].attention.wqkv.max_rows == 4  # fused at load (wq, wk, wv in one)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=8, max_seq_len=64)
     engine.start()
 
