@@ -42,4 +42,21 @@ class KVCache(nn.Module):
         self.v[rows, :, positions] = v.transpose(1, 2)
         if slots is None:
             return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
-        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
+        return read_slots(self.k, slots, kv_len), read_slots(self.v, slots, kv_len)
+
+
+@torch.library.custom_op("llamaserve::read_slots", mutates_args=())
+def read_slots(cache: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """cache[slots, :, :kv_len], a copy.
+
+    index_select on dim 0 copies whole (head, position) runs: ~3x faster than advanced indexing's
+    element-wise gather (0.56 vs 1.5 ms for 32 slots x 512 keys on a 2-core Xeon). An op of its own
+    so that torch.compile calls it as it is: Inductor turned the gather into a C++ loop of its own
+    that was slower still (5.7 ms a layer at 32 rows, model/static_step.py).
+    """
+    return torch.index_select(cache[:, :, :kv_len], 0, slots)
+
+
+@read_slots.register_fake
+def _read_slots_shape(cache: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+    return cache.new_empty(slots.shape[0], cache.shape[1], kv_len, cache.shape[3])

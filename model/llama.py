@@ -10,13 +10,14 @@ Differences from Meta's file, each for a reason:
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs, RopeScaling
-from model.invariance import KV_BLOCK, round_up, row_tile, tiled_linear
+from model.invariance import KV_BLOCK, head_logits, head_tile, round_up, row_tile, tiled_linear
 from model.kv_cache import KVCache
 
 
@@ -175,6 +176,12 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+# Runs one layer of a step: (layer, h, cos, sin, slots, positions, mask) -> h.
+BlockRunner = Callable[
+    ["TransformerBlock", torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor
+]
+
+
 class Transformer(nn.Module):
     """Token ids in, fp32 logits out. Build on the meta device, load weights, then `setup_cache`."""
 
@@ -193,28 +200,37 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         self.cache_len = 0  # positions per slot in the cache: max_seq_len, rounded up to KV_BLOCK when batch invariant
         self.batch_invariant = False
-        self.head_tile = 0  # rows per head GEMM in decode when batch invariant (invariance.row_tile)
+        self.head_tile = 0  # rows per head GEMM in decode when batch invariant (invariance.row_tile) ...
+        self.head_column_tile = 0  # ... or columns per transposed head GEMM, where that is row independent (head_tile)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, *, batch_invariant: bool = False) -> None:
         """Allocate the slot cache and RoPE tables once, on the weights' device and dtype.
 
         batch_invariant: decode rows compute the head in fixed row tiles and attention reads whole
         KV_BLOCKs of keys (model/invariance.py; the linear layers are swapped by
-        `make_batch_invariant`), so the cache holds a whole number of blocks.
+        `make_batch_invariant`), so the cache holds a whole number of blocks. Each slot has one more
+        position past those, `scratch_position`, never read: where the rows that pad a decode batch
+        to a fixed shape (model/static_step.py) write their keys.
         """
         weight = self.tok_embeddings.weight
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.batch_invariant = batch_invariant
-        self.head_tile = row_tile(self.head_weight()) if batch_invariant else 0
+        self.head_column_tile = head_tile(self.head_weight()) if batch_invariant else 0
+        self.head_tile = row_tile(self.head_weight()) if batch_invariant and not self.head_column_tile else 0
         self.cache_len = round_up(max_seq_len, KV_BLOCK) if batch_invariant else max_seq_len
         for layer in self.layers:
             assert isinstance(layer, TransformerBlock)  # nn.ModuleList yields plain Modules
             layer.attention.cache = KVCache(
-                max_batch_size, self.cache_len, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device
+                max_batch_size, self.cache_len + 1, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device
             )
-        cos, sin = rope_tables(self.args, max_seq_len, weight.device)
+        cos, sin = rope_tables(self.args, self.scratch_position + 1, weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def scratch_position(self) -> int:
+        """The spare cache position of every slot (see setup_cache): past any key a query reads."""
+        return self.cache_len
 
     def check_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None) -> int:
         """The kv_len to use; bad input is an error here, not an index error deep in the cache or,
@@ -258,15 +274,39 @@ class Transformer(nn.Module):
         kv_len = self.check_inputs(tokens, positions, slots, kv_len)
         if self.batch_invariant:  # whole key blocks: the keys other rows need change nothing (invariance.py)
             kv_len = min(round_up(kv_len, KV_BLOCK), self.cache_len)
+        return self.run(tokens, positions, slots, kv_len, all_logits=all_logits)
+
+    @torch.inference_mode()
+    def run(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor | None,
+        kv_len: int,
+        *,
+        all_logits: bool = False,
+        block: BlockRunner | None = None,
+        rows: int | None = None,
+    ) -> torch.Tensor:
+        """`forward` past its checks, on inputs already checked (model/static_step.py calls it too).
+
+        The mask and RoPE tables are built once per step, not per layer. block runs each layer
+        (default: the layer itself; StaticStep passes its compiled one); rows keeps the logits of the
+        first `rows` rows only (the rest pad the batch to a fixed shape).
+        """
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
         cos = self.rope_cos[positions][:, None]
         sin = self.rope_sin[positions][:, None]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, slots, positions, mask)
+            assert isinstance(layer, TransformerBlock)
+            h = layer(h, cos, sin, slots, positions, mask) if block is None else block(layer, h, cos, sin, slots, positions, mask)
+        h = h[:rows]
         h = self.norm(h if all_logits else h[:, -1])
         if self.batch_invariant and tokens.shape[1] == 1:  # decode rows: fixed-shape GEMMs
+            if self.head_column_tile:
+                return head_logits(h, self.head_weight(), self.head_column_tile).float()
             return tiled_linear(h, self.head_weight(), None, self.head_tile).float()
         return F.linear(h, self.head_weight()).float()
 

@@ -18,7 +18,7 @@ import torch
 from app.engine import Engine, GenerationOutput, GenerationRequest
 from model import quant
 from model.checkpoint import load_model
-from model.invariance import KV_BLOCK, TiledLinear, make_batch_invariant, row_tile, tiled_linear
+from model.invariance import KV_BLOCK, TiledLinear, head_logits, head_tile, make_batch_invariant, row_tile, tiled_linear
 from model.sampling import SamplingParams
 from tests.support.engine import collect, run
 from tests.support.models import tiny_model
@@ -86,6 +86,22 @@ def test_tiled_linear_rows_do_not_depend_on_the_rest_of_the_tile(shape: tuple[in
     alone = torch.cat([tiled_linear(x[i : i + 1], weight, bias, tile) for i in range(x.shape[0])])
     assert torch.equal(tiled_linear(x, weight, bias, tile), alone)
     assert torch.allclose(alone, torch.nn.functional.linear(x, weight, bias), atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(259, 64), (49152, 576)])
+def test_head_logits_rows_do_not_depend_on_the_batch(shape: tuple[int, int]) -> None:
+    """The decode head in column tiles: each row's logits are the bits it gets alone, at any batch size."""
+    torch.manual_seed(0)
+    weight = torch.randn(*shape) * 0.05
+    tile = head_tile(weight)
+    if tile == 0:  # no candidate passes on this CPU: the model uses tiled_linear, tested above
+        assert row_tile(weight) >= 1
+        return
+    x = torch.randn(2 * tile + 3, shape[1])
+    alone = torch.cat([head_logits(x[i : i + 1], weight, tile) for i in range(x.shape[0])])
+    for rows in (2, tile, tile + 1, x.shape[0]):
+        assert torch.equal(head_logits(x[:rows], weight, tile), alone[:rows]), f"{rows} rows"
+    assert torch.allclose(alone, torch.nn.functional.linear(x, weight), atol=1e-3)
 
 
 def test_make_batch_invariant_swaps_dense_layers_and_flags_int4_ones() -> None:
