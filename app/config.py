@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         description="a request's tokens and logprobs are the same bits whatever else shares its batch "
         "(slower at large batches, see docs/performance.md); --no-batch-invariant for the batch-dependent fast paths",
     )
+    compile: bool = Field(
+        True,
+        description="decode on fixed shapes through a torch.compile'd transformer block, compiled at start-up "
+        "(Inductor: needs a C++ compiler on CPU; falls back to eager with a logged reason); --no-compile for eager",
+    )
     max_batch_size: int = Field(8, ge=1, description="KV-cache slots: requests decoded together")
     max_seq_len: int = Field(2048, ge=8, description="context length per slot (prompt + completion)")
     max_queue: int = Field(256, ge=1, description="requests waiting for a slot before 503")

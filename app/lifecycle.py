@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import model.checkpoint as checkpoint
@@ -116,7 +118,7 @@ class ServerState:
             self._configure(self.loaded)
             model = self.loaded.model
             self.engine = Engine(
-                model,
+                self._step_model(model),
                 self.loaded.tokenizer,
                 max_batch_size=model.max_batch_size,
                 max_seq_len=model.max_seq_len,
@@ -165,6 +167,17 @@ class ServerState:
             quantization=loaded.quantization,
             batch_invariant=bool(getattr(loaded.model, "batch_invariant", False)),
         )
+
+    def _step_model(self, model: Any) -> Any:
+        """What the engine runs: the model, or its StaticStep (fixed-shape compiled decode) when --compile."""
+        from model.llama import Transformer
+        from model.static_step import StaticStep
+
+        if not self.settings.compile or not isinstance(model, Transformer):  # tests stand in scripted models
+            return model
+        # Compiled kernels are cached on disk beside the weights, so a restart does not compile again.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(self.settings.cache_dir) / "inductor"))
+        return StaticStep(model, compile=True)
 
     async def _warmup(self) -> None:
         """One tiny generation so the first real request does not pay for lazy initialisation."""

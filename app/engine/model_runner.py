@@ -7,6 +7,7 @@ completed this step are sampled together with the decode rows, in one sampler ca
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -15,6 +16,8 @@ import torch
 from app.engine.request import Request
 from app.engine.scheduler import PrefillChunk, StepPlan
 from model.sampling import Sampler, TokenLogprob, prompt_logprobs
+
+log = logging.getLogger(__name__)
 
 
 class CausalLM(Protocol):
@@ -45,6 +48,11 @@ class CausalLM(Protocol):
     ) -> torch.Tensor: ...
 
 
+def log_progress(done: int, total: int, bucket: int, seconds: float) -> None:
+    """One line per compiled batch bucket, as a bar: start-up on a cold cache takes a while."""
+    log.info("compiling [%s%s] %d/%d (batch %d: %.1f s)", "#" * done, "." * (total - done), done, total, bucket, seconds)
+
+
 @dataclass
 class Sampled:
     request: Request
@@ -71,6 +79,12 @@ class ModelRunner:
 
     def start(self) -> None:
         self.sampler = Sampler(self.max_batch_size, self.model.vocab_size, self.device)
+        warm_up = getattr(self.model, "warm_up", None)  # model/static_step.StaticStep: compile every batch bucket now
+        if callable(warm_up):
+            log.info("compiling the decode step for batch buckets %s", getattr(self.model, "buckets", "?"))
+            seconds = warm_up(log_progress)
+            reason = getattr(self.model, "fallback_reason", None)
+            log.info("decode step ready in %.1f s (%s)", seconds, f"eager: {reason}" if reason else "compiled")
 
     def run(self, plan: StepPlan) -> StepResult:
         assert self.sampler is not None, "start() first"

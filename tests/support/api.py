@@ -34,7 +34,7 @@ def tiny_loaded(seed: int = 0, max_batch_size: int = 4, specials: tuple[str, ...
 
 
 def settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"warmup": False}
+    values: dict[str, Any] = {"warmup": False, "compile": False}  # compile: its own tests (test_static_step.py)
     values.update(overrides)
     return Settings(**values)
 

@@ -1,0 +1,161 @@
+"""Decode steps on fixed shapes through one compiled transformer block (gpt-fast compiles its decode step the same way).
+
+Why: at one token per row a CPU step is ~30 layers x ~20 small ops, each dispatched from Python;
+Inductor fuses a block's elementwise work (RMSNorm, RoPE, SiLU-mul, residual adds) into a few C++
+loops around the GEMM and attention calls, and the dispatch goes away (numbers: docs/performance.md).
+It compiles one *block*, not the whole stack: every layer runs the same graph with its own weights
+as inputs, so a batch bucket compiles in seconds where the whole 30-layer step took ~75 s on two
+cores. Prefill (one prompt chunk per forward, compute-bound) stays eager.
+
+Fixed shapes: the batch is padded up to a bucket (powers of two up to max_batch_size). Padding rows
+write their keys at their slot's scratch position (Transformer.setup_cache), which no query reads,
+and their logits are dropped before the head. When row b is slot b (the engine's usual case: it
+fills slots lowest first and decodes in slot order) the padding rows take the next slots and every
+row reads its keys in place, with no gather. Keys are read up to a multiple of KV_BLOCK (the mask does the
+rest) and that length is a dynamic dimension of the one graph, so a longer context costs no
+recompile. Host-side checks run before the compiled region, never inside it.
+
+Where Inductor cannot run (no C++ compiler, an unsupported torch) the step falls back to eager and
+says why in the log; `--no-compile` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from typing import Any, Callable
+
+import torch
+
+from model.invariance import KV_BLOCK, round_up
+from model.llama import Transformer, TransformerBlock
+
+log = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Powers of two below max_batch_size, then max_batch_size itself: each is one compiled shape."""
+    buckets = [1]
+    while buckets[-1] * 2 < max_batch_size:
+        buckets.append(buckets[-1] * 2)
+    if buckets[-1] != max_batch_size:
+        buckets.append(max_batch_size)
+    return buckets
+
+
+def compile_unavailable(device: torch.device, backend: str) -> str | None:
+    """Why torch.compile cannot run here (None: it can). Inductor writes C++ on the CPU, so it needs a compiler."""
+    if backend == "inductor" and device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        return "no C++ compiler on PATH (Inductor generates C++ for the CPU; install g++)"
+    return None
+
+
+def run_block(layer: TransformerBlock, *args: Any) -> torch.Tensor:
+    """One layer, the function torch.compile traces (the layer's weights become graph inputs)."""
+    return layer(*args)
+
+
+class StaticStep:
+    """A Transformer's forward (same signature) whose decode steps run on fixed shapes through a compiled block.
+
+    compile=False (or a failed compile) keeps the fixed shapes and runs the block eagerly.
+    """
+
+    def __init__(self, model: Transformer, *, compile: bool = True, backend: str = "inductor", mode: str | None = None) -> None:
+        self.model = model
+        self.max_batch_size, self.max_seq_len = model.max_batch_size, model.max_seq_len
+        self.buckets = batch_buckets(model.max_batch_size)
+        self.backend, self.mode = backend, mode
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        self.recompile_limit = 2 * len(self.buckets) + 2
+        self.fallback_reason: str | None = None if compile else "turned off (--no-compile)"
+        if compile:
+            reason = compile_unavailable(model.device, backend)
+            if reason is None:
+                self.compiled = torch.compile(run_block, backend=backend, mode=mode, dynamic=False)
+            else:
+                self._fall_back(reason)
+
+    # -- the engine's model protocol (app/engine/model_runner.CausalLM) --------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.model.batch_invariant
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        *,
+        kv_len: int | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Transformer.forward: decode (one column, last logits) on a bucket's shapes, anything else eagerly."""
+        if tokens.dim() != 2 or tokens.shape[1] != 1 or all_logits:
+            return self.model(tokens, positions, slots, kv_len=kv_len, all_logits=all_logits)
+        kv_len = self.model.check_inputs(tokens, positions, slots, kv_len)
+        bucket = next(b for b in self.buckets if b >= tokens.shape[0])
+        return self._padded(tokens, positions, slots, bucket, min(round_up(kv_len, KV_BLOCK), self.model.cache_len))
+
+    @torch.inference_mode()
+    def warm_up(self, progress: Callable[[int, int, int, float], None] | None = None) -> float:
+        """Compile every batch bucket now (start-up) rather than on the first request of that size.
+
+        Runs one row at position 0 of slot 0 (what a new request overwrites first), padded to each
+        bucket, reading keys in place and gathered by slot (a graph each). progress is called after
+        each bucket with (done, total, bucket, seconds). Returns the seconds it took.
+        """
+        start = time.monotonic()
+        zero = torch.zeros(1, 1, dtype=torch.long, device=self.model.device)
+        kv_len = min(KV_BLOCK, self.model.cache_len)
+        for done, bucket in enumerate(self.buckets, 1):
+            t = time.monotonic()
+            for slots in (None, zero[0]):
+                self._padded(zero, zero, slots, bucket, kv_len)
+            if progress is not None:
+                progress(done, len(self.buckets), bucket, time.monotonic() - t)
+        return time.monotonic() - start
+
+    @torch.inference_mode()
+    def _padded(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None, bucket: int, kv_len: int
+    ) -> torch.Tensor:
+        """The decode step on `bucket` rows. Padding rows hold token 0 at the scratch position of the
+        next slots (keys read in place) or of row 0's slot (keys gathered)."""
+        # Two graphs per bucket, all kept (dynamo's default limit is 8 per function). Dynamo's config is
+        # per thread, and the engine's thread is not the one that built this.
+        if self.compiled is not None and torch._dynamo.config.recompile_limit < self.recompile_limit:
+            torch._dynamo.config.recompile_limit = self.recompile_limit
+        rows, pad = tokens.shape[0], bucket - tokens.shape[0]
+        # Always new tensors, made here in inference mode: the graphs are guarded on that too.
+        tokens = torch.cat([tokens, tokens.new_zeros(pad, 1)])
+        positions = torch.cat([positions, positions.new_full((pad, 1), self.model.scratch_position)])
+        if slots is not None:
+            slots = torch.cat([slots, slots[:1].expand(pad)])
+        return self.model.run(tokens, positions, slots, kv_len, block=self._block, rows=rows)
+
+    def _block(self, layer: TransformerBlock, *args: torch.Tensor | None) -> torch.Tensor:
+        if self.compiled is None:
+            return run_block(layer, *args)
+        mask = args[-1]
+        assert mask is not None
+        torch._dynamo.maybe_mark_dynamic(mask, 3)  # keys read: one graph for every multiple of KV_BLOCK
+        try:
+            return self.compiled(layer, *args)
+        except Exception as e:  # noqa: BLE001 - a backend failure (compiler error, unsupported op) costs speed, not service
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            self._fall_back(f"{type(e).__name__}: {' '.join(lines[:3])}"[:300])
+            return run_block(layer, *args)
+
+    def _fall_back(self, reason: str) -> None:
+        self.compiled, self.fallback_reason = None, reason
+        log.warning("decode step runs eagerly: %s", reason)

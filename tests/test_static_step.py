@@ -1,0 +1,206 @@
+"""The fixed-shape decode step (model/static_step.py): same logits as the eager forward, padding rows
+that touch no one's keys, one graph per bucket with no graph break, the same bits for a row alone
+and in any batch, and an eager fallback that says why.
+
+Most tests trace with the `aot_eager` backend (dynamo capture and the fixed shapes, no C++ build:
+Inductor takes seconds per bucket on two cores); `test_inductor_*` compile for real.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+
+import model.static_step as static_step
+from app.engine import Engine, GenerationRequest
+from model.invariance import KV_BLOCK, make_batch_invariant
+from model.sampling import SamplingParams
+from model.static_step import StaticStep, batch_buckets, run_block
+from model.tokenizer import ByteTokenizer
+from tests.support.engine import collect, prompt, run
+from tests.support.models import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> None:
+    torch._dynamo.reset()  # each test compiles and counts its own graphs
+    torch._dynamo.utils.counters.clear()
+
+
+def invariant_tiny(max_batch_size: int = 6, max_seq_len: int = 600) -> Any:
+    model = tiny_model(max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    make_batch_invariant(model)
+    model.setup_cache(max_batch_size, max_seq_len, batch_invariant=True)
+    return model
+
+
+def fill(model: Any, slot: int, tokens: list[int]) -> None:
+    """Prefill `tokens` into a slot (eager, one prompt per forward as the engine does)."""
+    model(torch.tensor([tokens]), torch.arange(len(tokens))[None], torch.tensor([slot]))
+
+
+def test_batch_buckets_are_powers_of_two_then_the_slot_count() -> None:
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("permuted", [False, True], ids=["slots-in-place", "slots-gathered"])
+def test_decode_matches_the_eager_forward_and_padding_touches_no_keys(permuted: bool) -> None:
+    eager, fixed = invariant_tiny(), invariant_tiny()
+    step = StaticStep(fixed, backend="aot_eager")
+    prompts = [prompt(i, n) for i, n in enumerate((5, 30, 9, 520, 3, 12))]
+    for model in (eager, fixed):
+        for slot, tokens in enumerate(prompts):
+            fill(model, slot, tokens)
+    rows = [4, 1, 3] if permuted else [0, 1, 2]  # 3 rows: a bucket of 4, one padding row
+    tokens = torch.tensor([[7], [8], [9]])
+    positions = torch.tensor([[len(prompts[s])] for s in rows])
+    slots = torch.tensor(rows) if permuted else None
+    kv_len = int(positions.max()) + 1
+    expected = eager(tokens, positions, slots, kv_len=kv_len)
+    got = step(tokens, positions, slots, kv_len=kv_len)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for layer_eager, layer_fixed in zip(eager.layers, fixed.layers):
+        cache_e, cache_f = layer_eager.attention.cache, layer_fixed.attention.cache
+        readable = slice(0, fixed.cache_len)  # the scratch position past it is the padding rows' to write
+        torch.testing.assert_close(cache_f.k[:, :, readable], cache_e.k[:, :, readable], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache_f.v[:, :, readable], cache_e.v[:, :, readable], rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_and_all_logits_run_eagerly_with_the_same_result() -> None:
+    eager, fixed = invariant_tiny(), invariant_tiny()
+    step = StaticStep(fixed, backend="aot_eager")
+    tokens = torch.tensor([prompt(1, 17)])
+    positions = torch.arange(17)[None]
+    torch.testing.assert_close(step(tokens, positions, torch.tensor([2])), eager(tokens, positions, torch.tensor([2])))
+    assert step.compiled is not None and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
+def test_one_graph_per_bucket_and_way_of_reading_keys_and_no_graph_break() -> None:
+    model = invariant_tiny(max_batch_size=4)
+    layer = model.layers[0]
+    h = torch.randn(2, 1, 64)
+    cos, sin = (
+        model.rope_cos[torch.zeros(2, 1, dtype=torch.long)][:, None],
+        model.rope_sin[torch.zeros(2, 1, dtype=torch.long)][:, None],
+    )
+    positions = torch.zeros(2, 1, dtype=torch.long)
+    mask = torch.ones(2, 1, 1, KV_BLOCK, dtype=torch.bool)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(run_block)(layer, h, cos, sin, torch.tensor([1, 3]), positions, mask)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = StaticStep(model, backend="aot_eager")
+    step.warm_up()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == 2 * len(step.buckets)  # keys in place and gathered, for buckets 1, 2, 4
+    for rows, kv_len in [(1, 1), (3, 200), (4, 513), (2, 600)]:  # any bucket, any key length: no new graph
+        step(torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), kv_len - 1), None, kv_len=kv_len)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch(backend: str) -> None:
+    """Batch invariance through the compiled step (here: Inductor's fused kernels too)."""
+    model = invariant_tiny(max_batch_size=6)
+    step = StaticStep(model, backend=backend)
+    target = prompt(9, 40)
+    others = [prompt(i, n) for i, n in enumerate((5, 560, 90, 260, 12))]
+
+    def decode(rows: list[tuple[list[int], int]]) -> torch.Tensor:
+        for tokens, slot in rows:
+            fill(model, slot, tokens)
+        positions = torch.tensor([[len(t)] for t, _ in rows])
+        slots = [s for _, s in rows]
+        slot_tensor = None if slots == list(range(len(slots))) else torch.tensor(slots)
+        return step(torch.tensor([[5]] * len(rows)), positions, slot_tensor, kv_len=int(positions.max()) + 1)
+
+    alone = decode([(target, 0)])[0]
+    crowds = [
+        [(target, 0), (others[0], 1), (others[1], 2)],  # in place, bucket 4, a second key block
+        [(others[2], 1), (target, 5)],  # gathered, bucket 2
+        [(others[0], 0), (others[1], 1), (others[2], 2), (target, 3), (others[3], 4), (others[4], 5)],  # bucket 6
+    ]
+    for crowd in crowds:
+        index = [t for t, _ in crowd].index(target)
+        together = decode(crowd)[index]
+        assert torch.equal(together, alone), f"{len(crowd)} rows: differ by {(together - alone).abs().max():.3g}"
+    assert step.fallback_reason is None
+
+
+def test_no_compiler_falls_back_to_eager_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(static_step.shutil, "which", lambda name: None)
+    model = invariant_tiny(max_batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="model.static_step"):
+        step = StaticStep(model)
+    assert step.compiled is None and "no C++ compiler" in (step.fallback_reason or "")
+    assert "decode step runs eagerly: no C++ compiler" in caplog.text
+    fill(model, 0, [1, 2, 3])
+    out = step(torch.tensor([[4]]), torch.tensor([[3]]), None, kv_len=4)
+    assert out.shape == (1, model.vocab_size) and torch.isfinite(out).all()
+
+
+def test_a_failing_backend_falls_back_to_eager_and_keeps_serving(caplog: pytest.LogCaptureFixture) -> None:
+    def broken_backend(graph: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("backend exploded")
+
+    eager, fixed = invariant_tiny(max_batch_size=2), invariant_tiny(max_batch_size=2)
+    step = StaticStep(fixed, backend=broken_backend)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="model.static_step"):
+        got = step(torch.tensor([[4]]), torch.tensor([[0]]), None, kv_len=1)
+    assert step.compiled is None and "backend exploded" in (step.fallback_reason or "")
+    torch.testing.assert_close(got, eager(torch.tensor([[4]]), torch.tensor([[0]]), None, kv_len=1))
+
+
+def test_compile_off_keeps_the_fixed_shapes_eagerly() -> None:
+    step = StaticStep(invariant_tiny(max_batch_size=2), compile=False)
+    assert step.compiled is None and step.fallback_reason == "turned off (--no-compile)"
+    assert step.warm_up() >= 0 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
+def test_inductor_engine_requests_alone_and_together_give_the_same_tokens() -> None:
+    """The server's path: an Engine over StaticStep (Inductor), warmed up on its own thread at start."""
+    model = invariant_tiny(max_batch_size=4, max_seq_len=128)
+    step = StaticStep(model)
+    engine = Engine(step, ByteTokenizer(), max_batch_size=4, max_seq_len=128)  # type: ignore[arg-type]
+    engine.start()
+    greedy = SamplingParams(temperature=0, logprobs=2)
+
+    async def generate(prompts: list[list[int]]) -> list[list[Any]]:
+        import asyncio
+
+        handles = [
+            engine.submit(GenerationRequest(prompt_ids=p, sampling=greedy, max_tokens=12, ignore_eos=True)) for p in prompts
+        ]
+        outputs = await asyncio.gather(*(collect(h) for h in handles))
+        return [[(t, lp.logprob) for o in out for t, lp in zip(o.token_ids, o.logprobs or [])] for out in outputs]
+
+    try:
+        prompts = [prompt(i, n) for i, n in enumerate((7, 33, 2))]
+        alone = run(generate([prompts[1]]), timeout=300)[0]
+        together = run(generate(prompts), timeout=300)[1]
+    finally:
+        engine.shutdown()
+    assert len(alone) == 12 and together == alone
+    assert step.fallback_reason is None
+
+
+def test_every_bucket_keeps_its_graphs_when_warmed_up_on_another_thread() -> None:
+    """The engine warms up on its own thread, where dynamo's (per-thread) recompile limit is 8 again:
+    32 slots make 12 graphs, and none may fall back to eager."""
+    import threading
+
+    step = StaticStep(invariant_tiny(max_batch_size=32, max_seq_len=64), backend="aot_eager")
+    worker = threading.Thread(target=step.warm_up)
+    worker.start()
+    worker.join()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * len(step.buckets) == 12
