@@ -305,9 +305,12 @@ class Transformer(nn.Module):
         h = h[:rows]
         h = self.norm(h if all_logits else h[:, -1])
         if self.batch_invariant and tokens.shape[1] == 1:  # decode rows: fixed-shape GEMMs
+            rows_2d = h.reshape(-1, h.shape[-1])  # (B, D); (B, 1, D) when every position's logits are asked for
             if self.head_column_tile:
-                return head_logits(h, self.head_weight(), self.head_column_tile).float()
-            return tiled_linear(h, self.head_weight(), None, self.head_tile).float()
+                logits = head_logits(rows_2d, self.head_weight(), self.head_column_tile)
+            else:
+                logits = tiled_linear(rows_2d, self.head_weight(), None, self.head_tile)
+            return logits.reshape(*h.shape[:-1], -1).float()
         return F.linear(h, self.head_weight()).float()
 
     def fuse_projections(self) -> None:

@@ -13,7 +13,18 @@ import pytest
 
 from model.checkpoint import LoadedModel
 from model.tokenizer import ByteTokenizer
-from tests.support.api import CHATML_SPECIALS, ENDOFTEXT, IM_END, IM_START, MODEL, chatml_count, parse_sse, serve_app
+from tests.support.api import (
+    CHATML_SPECIALS,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    MAX_SEQ_LEN,
+    MODEL,
+    chatml_count,
+    parse_sse,
+    serve_app,
+    tiny_loaded,
+)
 from tests.support.models import ScriptedModel, tiny_args
 
 pytestmark = pytest.mark.anyio
@@ -141,3 +152,16 @@ async def test_chat_logprobs_of_control_tokens_are_empty_like_their_text() -> No
     streamed_text = "".join(c["delta"].get("content") or "" for c in streamed)
     streamed_content = [entry for c in streamed if c.get("logprobs") for entry in c["logprobs"]["content"]]
     assert streamed_text == "ab" and streamed_content == content
+
+
+@pytest.mark.parametrize("max_tokens", [0, 2])
+async def test_echo_logprobs_of_a_one_token_prompt_on_a_batch_invariant_model(max_tokens: int) -> None:
+    """A one-token prompt is a (1, 1) prefill whose every-position logits the decode head used to reject (a 500)."""
+    loaded = tiny_loaded()
+    loaded.model.setup_cache(4, MAX_SEQ_LEN, batch_invariant=True)
+    async with serve_app(loaded=loaded) as client:
+        response = await client.post("/v1/completions", json=completion(prompt="H", echo=True, max_tokens=max_tokens, logprobs=1))
+    assert response.status_code == 200, response.text
+    lp = response.json()["choices"][0]["logprobs"]
+    assert lp["tokens"][0] == "H" and lp["token_logprobs"][0] is None
+    assert len(lp["tokens"]) == 1 + max_tokens

@@ -350,3 +350,17 @@ def test_fused_projections_give_the_unfused_logits() -> None:
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     model.fuse_projections()  # a second call changes nothing
     torch.testing.assert_close(model(tokens, positions, all_logits=True), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_one_token_chunk_with_all_logits_gives_its_logits(batch_invariant: bool) -> None:
+    """A one-token prompt (or last chunk) with prompt logprobs: every-position logits of a (1, 1) input."""
+    model = tiny_model()
+    model.setup_cache(4, 128, batch_invariant=batch_invariant)
+    prompt = [5, 9, 2]
+    with torch.inference_mode():
+        whole = model(torch.tensor([prompt]), torch.arange(3)[None], torch.tensor([0]), kv_len=3, all_logits=True)
+        model(torch.tensor([prompt[:2]]), torch.arange(2)[None], torch.tensor([1]), kv_len=2)
+        last = model(torch.tensor([prompt[2:]]), torch.tensor([[2]]), torch.tensor([1]), kv_len=3, all_logits=True)
+    assert last.shape == (1, 1, model.vocab_size)
+    torch.testing.assert_close(last[0, 0], whole[0, 2], rtol=1e-4, atol=1e-4)
