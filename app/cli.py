@@ -123,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as e:
         print(f"llamaserve: invalid settings:\n{e}", file=sys.stderr)
         return 2
+    configure_memory()  # before torch loads (configure_threads imports it when given a count): bounded native caches
     configure_threads(settings.threads)
-    configure_memory()  # also before torch loads: bounded native caches
     return serve(settings)
 
 

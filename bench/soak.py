@@ -70,9 +70,19 @@ async def wait_idle(url: str, timeout: float = 60) -> None:
     raise TimeoutError("the server did not become idle")
 
 
-def run(url: str, pid: int, requests: int, concurrency: int, disconnect_share: float, idle_s: float, seed: int) -> dict[str, Any]:
-    """Warm-up round (a quarter of the requests), then the soak; RSS at each point, in MiB."""
-    warm = asyncio.run(soak(url, max(requests // 4, concurrency), concurrency, disconnect_share, seed))
+def run(
+    url: str,
+    pid: int,
+    requests: int,
+    concurrency: int,
+    disconnect_share: float,
+    idle_s: float,
+    seed: int,
+    warmup_requests: int | None = None,
+) -> dict[str, Any]:
+    """Warm-up round (default: a quarter of the requests), then the soak; RSS at each point, in MiB."""
+    warmup = max(requests // 4, concurrency) if warmup_requests is None else warmup_requests
+    warm = asyncio.run(soak(url, warmup, concurrency, disconnect_share, seed))
     asyncio.run(wait_idle(url))
     after_warmup = rss_mib(pid)
     results = asyncio.run(soak(url, requests, concurrency, disconnect_share, seed + 1))
@@ -102,8 +112,11 @@ def main() -> None:
     parser.add_argument("--disconnect-share", type=float, default=0.2)
     parser.add_argument("--idle-s", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup-requests", type=int, default=None, help="default: a quarter of --requests")
     args = parser.parse_args()
-    report = run(args.url, args.pid, args.requests, args.concurrency, args.disconnect_share, args.idle_s, args.seed)
+    report = run(
+        args.url, args.pid, args.requests, args.concurrency, args.disconnect_share, args.idle_s, args.seed, args.warmup_requests
+    )
     print(json.dumps(report, indent=2))
 
 

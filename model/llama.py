@@ -20,6 +20,14 @@ from model.args import ModelArgs, RopeScaling
 from model.invariance import KV_BLOCK, head_logits, head_tile, round_up, row_tile, tiled_linear
 from model.kv_cache import KVCache
 
+# Prefill chunks of PREFILL_PAD_FROM tokens or more run padded to a multiple of PREFILL_ROW_BLOCK rows, so
+# the dense GEMMs see at most chunk / PREFILL_ROW_BLOCK shapes. Why: oneDNN's bfloat16 matmul keeps memory
+# for every distinct row count it has seen, beyond its primitive cache (random prompt lengths grew the
+# resident memory ~1 MiB per new length, without end; issue 12). Shorter chunks stay exact-sized: they
+# run on the int4 kernel, whose memory does not grow, and padding them would switch them to dense.
+PREFILL_PAD_FROM = 16
+PREFILL_ROW_BLOCK = 32
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -126,8 +134,28 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         assert self.cache is not None, "call Transformer.setup_cache() before forward()"
         keys, values = self.cache.update(slots, positions, k, v, mask.shape[-1])
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        if seqlen == 1:
+            out = decode_attention(q, keys, values, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1))
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row (q: B, H, 1, D; keys/values: B, KVH, L, D; mask: B, 1, 1, L), in plain ops.
+
+    Why not SDPA: with 2 threads, aten's CPU flash kernel splits a small batch's keys across threads,
+    so a row's bits depended on how many rows shared its step (Zen 4, torch 2.13: alone vs with one
+    other row differed by 2e-8). Here the query heads that share a key head form the rows of one
+    (G x D) @ (D x L) product per (row, key head): no GQA copy of the keys, each row's reductions in
+    one order whatever the batch, and faster than SDPA for decode (batch 32, 2,048 keys: 4.2 vs 6.0 ms).
+    """
+    batch, heads, _, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(weights, values).reshape(batch, heads, 1, head_dim)
 
 
 class FeedForward(nn.Module):
@@ -274,7 +302,19 @@ class Transformer(nn.Module):
         kv_len = self.check_inputs(tokens, positions, slots, kv_len)
         if self.batch_invariant:  # whole key blocks: the keys other rows need change nothing (invariance.py)
             kv_len = min(round_up(kv_len, KV_BLOCK), self.cache_len)
-        return self.run(tokens, positions, slots, kv_len, all_logits=all_logits)
+        columns = tokens.shape[1]
+        if columns >= PREFILL_PAD_FROM and columns % PREFILL_ROW_BLOCK:
+            tokens, positions = self.pad_columns(tokens, positions, round_up(columns, PREFILL_ROW_BLOCK))
+        logits = self.run(tokens, positions, slots, kv_len, all_logits=all_logits, columns=columns)
+        return logits[:, :columns] if all_logits else logits
+
+    def pad_columns(self, tokens: torch.Tensor, positions: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and positions padded on the right to `width` columns; pad columns sit at the scratch
+        position, whose keys no query reads, so they change no real column."""
+        pad = width - tokens.shape[1]
+        tokens = F.pad(tokens, (0, pad))
+        positions = F.pad(positions, (0, pad), value=self.scratch_position)
+        return tokens, positions
 
     @torch.inference_mode()
     def run(
@@ -287,12 +327,14 @@ class Transformer(nn.Module):
         all_logits: bool = False,
         block: BlockRunner | None = None,
         rows: int | None = None,
+        columns: int | None = None,
     ) -> torch.Tensor:
         """`forward` past its checks, on inputs already checked (model/static_step.py calls it too).
 
         The mask and RoPE tables are built once per step, not per layer. block runs each layer
         (default: the layer itself; StaticStep passes its compiled one); rows keeps the logits of the
-        first `rows` rows only (the rest pad the batch to a fixed shape).
+        first `rows` rows only (the rest pad the batch to a fixed shape), and `columns` says how many
+        columns are real (the last real one gives the logits; the rest pad the chunk: forward).
         """
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
@@ -303,7 +345,7 @@ class Transformer(nn.Module):
             assert isinstance(layer, TransformerBlock)
             h = layer(h, cos, sin, slots, positions, mask) if block is None else block(layer, h, cos, sin, slots, positions, mask)
         h = h[:rows]
-        h = self.norm(h if all_logits else h[:, -1])
+        h = self.norm(h if all_logits else h[:, (columns or tokens.shape[1]) - 1])
         if self.batch_invariant and tokens.shape[1] == 1:  # decode rows: fixed-shape GEMMs
             rows_2d = h.reshape(-1, h.shape[-1])  # (B, D); (B, 1, D) when every position's logits are asked for
             if self.head_column_tile:

@@ -364,3 +364,31 @@ def test_one_token_chunk_with_all_logits_gives_its_logits(batch_invariant: bool)
         last = model(torch.tensor([prompt[2:]]), torch.tensor([[2]]), torch.tensor([1]), kv_len=3, all_logits=True)
     assert last.shape == (1, 1, model.vocab_size)
     torch.testing.assert_close(last[0, 0], whole[0, 2], rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_chunks_run_on_row_blocks_and_padding_changes_no_real_row() -> None:
+    """Chunks of >= PREFILL_PAD_FROM tokens are padded to a PREFILL_ROW_BLOCK multiple (the dense GEMMs then see a
+    bounded set of shapes: oneDNN's bf16 kernels kept memory per distinct length, issue 12 item 3); pad rows write
+    only the scratch position and no real row's logits or keys change."""
+    from model.llama import PREFILL_PAD_FROM, PREFILL_ROW_BLOCK
+
+    model = tiny_model(max_seq_len=128)
+    n = PREFILL_ROW_BLOCK + 3
+    assert n >= PREFILL_PAD_FROM
+    prompt = torch.randint(0, 259, (1, n), generator=torch.Generator().manual_seed(1))
+    seen: list[int] = []
+    handle = model.tok_embeddings.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[1]))
+    try:
+        padded_all = model(prompt, torch.arange(n)[None], torch.tensor([0]), all_logits=True)
+        padded_last = model(prompt, torch.arange(n)[None], torch.tensor([1]))
+    finally:
+        handle.remove()
+    assert seen == [2 * PREFILL_ROW_BLOCK] * 2
+    assert padded_all.shape == (1, n, model.vocab_size) and padded_last.shape == (1, model.vocab_size)
+    torch.testing.assert_close(padded_last[0], padded_all[0, -1], rtol=1e-5, atol=1e-5)  # a 1-row vs an n-row head GEMM
+    for layer in model.layers:  # the real keys are in place; nothing was written past them but the scratch position
+        cache = layer.attention.cache
+        assert torch.equal(cache.k[0, :, :n], cache.k[1, :, :n])
+        assert not cache.k[0, :, n : model.scratch_position].any()
+    exact = model(prompt[:, :-1], torch.arange(n - 1)[None], torch.tensor([2]), all_logits=True)  # n - 1 rows: other padding
+    torch.testing.assert_close(exact[0], padded_all[0, :-1], rtol=1e-5, atol=1e-5)

@@ -98,3 +98,12 @@ def test_after_torch_is_imported_only_the_thread_count_applies(
     caplog.clear()
     threads.configure_threads()
     assert caplog.text == ""  # the user's choice: nothing to warn about
+
+
+def test_the_server_bounds_native_caches_before_torch_loads_also_with_a_thread_count(tmp_path: Path) -> None:
+    """--threads makes configure_threads import torch; the oneDNN cache bound must be in the environment first."""
+    argv = ["--model", str(tmp_path / "none.gguf"), "--port", "0", "--threads", "1", "--log-level", "warning"]
+    code = f"import sys; from app.cli import main; sys.exit(main({argv!r}))"
+    result = run_python(code)
+    assert result.returncode == 1 and "none.gguf" in result.stderr
+    assert "torch was imported before configure_memory()" not in result.stderr
