@@ -9,6 +9,10 @@ round (500 requests) and stayed there when idle. No Python object was retained; 
   length is a new shape for the dense prefill: capping the cache at 256 took ~6.5% to 4.3-5.0%
   (120-request soaks), with the same wall time (64 was 3x slower: decode shapes no longer fit).
 (MKL_DISABLE_FAST_MM changed nothing measurable and is not set.)
+Later (Zen 4, bf16 dense prefill weights): oneDNN's bf16 matmul kept ~1 MiB per distinct prefill row
+count whatever its primitive cache capacity (even 0), so random prompt lengths grew memory without end
+(+60 MiB per 64 requests at first). Prefill chunks now run on 32-row blocks (model/llama.py:
+PREFILL_ROW_BLOCK): tests/test_soak.py measures -0.1% after warm-up.
 """
 
 from __future__ import annotations
