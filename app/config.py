@@ -51,6 +51,10 @@ class Settings(BaseSettings):
         description="most completions (prompts x n) one request may ask for, else 400; slots are shared out between requests",
     )
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill step")
+    prefix_cache: bool = Field(
+        True,
+        description="reuse the keys of a prompt prefix a finished request left in its slot (same outputs, faster first token)",
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     chat_format: Literal["chatml", "llama3", "llama2"] | None = Field(None, description="override the detected chat format")
     host: str = Field("127.0.0.1", description="bind address")

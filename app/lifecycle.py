@@ -124,6 +124,7 @@ class ServerState:
                 max_seq_len=model.max_seq_len,
                 max_queue=self.settings.max_queue,
                 prefill_chunk=self.settings.prefill_chunk,
+                prefix_cache=self.settings.prefix_cache,
             )
             self.engine.start()
             self.metrics.bind(self.engine.stats)

@@ -38,6 +38,12 @@ class Metrics:
             "llamaserve_inter_token_latency_seconds", "Time between generated tokens", buckets=TOKEN_BUCKETS, registry=r
         )
         self.e2e = Histogram("llamaserve_e2e_request_latency_seconds", "Arrival to finish", buckets=LATENCY_BUCKETS, registry=r)
+        # vLLM's names and meaning (in tokens): prompt tokens looked up, and of those found in the cache.
+        self.prefix_queries = Counter(
+            "llamaserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter("llamaserve_prefix_cache_hits", "Prompt tokens served from the prefix cache", registry=r)
+        self._prefix_seen = (0, 0)
         self.queue_time = Histogram(
             "llamaserve_request_queue_time_seconds", "Arrival to getting a slot", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -53,6 +59,10 @@ class Metrics:
             self.running.set(stats.running)
             self.waiting.set(stats.waiting)
             self.slot_usage.set(stats.running / max(stats.max_batch_size, 1))
+            queries, hits = getattr(stats, "prefix_cache_queries", 0), getattr(stats, "prefix_cache_hits", 0)
+            self.prefix_queries.inc(max(queries - self._prefix_seen[0], 0))
+            self.prefix_hits.inc(max(hits - self._prefix_seen[1], 0))
+            self._prefix_seen = (queries, hits)
         return generate_latest(self.registry)
 
     def observe_tokens(self, gaps: list[float]) -> None:

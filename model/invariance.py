@@ -169,3 +169,31 @@ def make_batch_invariant(model: nn.Module) -> int:
                 setattr(parent, name, TiledLinear(child))
                 swapped += 1
     return swapped
+
+
+@torch.inference_mode()
+def prefill_rows_independent(model: Any, slot: int = 0, length: int = 80) -> bool:
+    """Do prefill rows get the same keys, values and last logits whatever chunks the prompt is cut into
+    (each at least 16 tokens: model/llama.py pads those to row blocks)? Checked on this machine with a
+    random prompt; the prefix cache (app/engine/prefix_cache.py) reuses keys across chunkings only if so.
+    Writes `slot` of the cache: call it before serving."""
+    if length + 1 > model.max_seq_len:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.vocab_size, (1, length), generator=generator).to(model.device)
+    slots = torch.tensor([slot], device=model.device)
+
+    def prefill(cuts: list[int]) -> list[torch.Tensor]:
+        start, logits = 0, None
+        for end in cuts:
+            positions = torch.arange(start, end, device=model.device)[None]
+            logits = model(prompt[:, start:end], positions, slots, kv_len=end)
+            start = end
+        caches = [layer.attention.cache for layer in model.layers]
+        return [c.k[slot, :, :length].clone() for c in caches] + [c.v[slot, :, :length].clone() for c in caches] + [logits]
+
+    whole = prefill([length])
+    for cuts in ([24, length], [48, length], [16, 40, length]):
+        if not all(torch.equal(a, b) for a, b in zip(whole, prefill(cuts))):
+            return False
+    return True

@@ -37,7 +37,12 @@ async def test_response_shape_and_greedy_matches_reference() -> None:
     expected_ids, expected_lps = reference_greedy_logprobs(list(b"Hello"), 8)
     assert choice_ids(choice) == expected_ids
     assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected_lps, abs=1e-3)
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 8,
+        "total_tokens": 13,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_n_and_prompt_list_index_is_prompt_times_n_plus_i() -> None:
@@ -52,7 +57,12 @@ async def test_n_and_prompt_list_index_is_prompt_times_n_plus_i() -> None:
     for c in body["choices"]:
         assert c["text"].startswith(prompts[c["index"] // 2])
     # prompt tokens count once per prompt, completion tokens over all choices
-    assert body["usage"] == {"prompt_tokens": 2 + 7, "completion_tokens": 4 * 3, "total_tokens": 21}
+    assert body["usage"] == {
+        "prompt_tokens": 2 + 7,
+        "completion_tokens": 4 * 3,
+        "total_tokens": 21,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_token_id_prompts_and_list_of_token_lists() -> None:
@@ -76,7 +86,12 @@ async def test_echo_with_prompt_logprobs_and_max_tokens_zero() -> None:
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert lp["token_logprobs"][1:] == pytest.approx(reference_prompt_logprobs(list(b"Hello")), abs=1e-3)
     assert lp["text_offset"] == [0, 1, 2, 3, 4]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 0,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_echo_logprobs_then_generation_offsets_continue() -> None:
@@ -230,7 +245,12 @@ async def test_streaming_usage_chunk_and_echo() -> None:
     assert done
     *chunks, last = events
     assert all("usage" in e and e["usage"] is None for e in chunks)
-    assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert last["choices"] == [] and last["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 5,
+        "total_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert chunks[0]["choices"][0]["text"].startswith("Hello")
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])

@@ -38,6 +38,7 @@ import torch
 from app.engine.handle import END, OutputQueue, RequestHandle
 from app.engine.model_runner import CausalLM, ModelRunner, StepResult
 from app.engine.output_processor import OutputProcessor
+from app.engine.prefix_cache import PrefixCache
 from app.engine.request import (
     EngineDraining,
     EngineOverloaded,
@@ -71,6 +72,8 @@ class EngineStats:
     last_step_time: float | None  # time.monotonic() of the end of the last step
     healthy: bool
     accepting: bool
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which reused
 
 
 class Engine:
@@ -83,6 +86,7 @@ class Engine:
         max_seq_len: int,
         max_queue: int = 256,
         prefill_chunk: int = 512,
+        prefix_cache: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_batch_size > model.max_batch_size:
             raise ValueError(f"max_batch_size {max_batch_size} must be in 1..{model.max_batch_size} (the model's cache)")
@@ -97,7 +101,12 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.vocab_size = model.vocab_size
         self._cond = threading.Condition()  # guards the waiting queue and the flags below
-        self.scheduler = Scheduler(max_batch_size, prefill_chunk, max_queue, self._cond)
+        # Exact reuse (no generated tokens, chunk rules) for a batch-invariant model: the same bits as without
+        # the cache. Whether prefill rows are independent of their chunk is checked when the engine starts.
+        self.prefix_cache = PrefixCache(
+            max_batch_size, prefill_chunk, enabled=prefix_cache, exact=bool(getattr(model, "batch_invariant", False))
+        )
+        self.scheduler = Scheduler(max_batch_size, prefill_chunk, max_queue, self._cond, self.prefix_cache)
         self.runner = ModelRunner(model, max_batch_size)
         self.output_processor = OutputProcessor(max_seq_len)
         self._ids = itertools.count()
@@ -209,7 +218,37 @@ class Engine:
             last_step_time=self._last_step_time,
             healthy=self._healthy,
             accepting=self._accepting and self._healthy,
+            prefix_cache_queries=self.prefix_cache.stats.queries,
+            prefix_cache_hits=self.prefix_cache.stats.hits,
         )
+
+    def slots_snapshot(self) -> dict[str, object]:
+        """Each slot: the request in it (id, status, tokens in its cache) or the prefix it keeps (/slots)."""
+        with self._cond:
+            running = dict(self.scheduler.running)
+        slots = self.prefix_cache.snapshot()
+        for entry in slots:
+            request = running.get(entry["slot"])
+            entry["request"] = None
+            if request is not None:
+                entry["request"] = {
+                    "id": request.request_id,
+                    "status": request.status.value,
+                    "prompt_tokens": request.num_prompt,
+                    "cached_prompt_tokens": request.num_cached_prompt,
+                    "tokens_in_cache": request.num_cached,
+                }
+        cache = self.prefix_cache
+        return {
+            "prefix_cache": {
+                "enabled": cache.enabled,
+                "exact": cache.exact,
+                "reuse_within_chunks": cache.rows_independent,
+                "queries": cache.stats.queries,
+                "hits": cache.stats.hits,
+            },
+            "slots": slots,
+        }
 
     def wake(self) -> None:
         """Something changed (a cancel): let the engine thread look."""
@@ -234,6 +273,8 @@ class Engine:
 
     def _postprocess(self, plan: StepPlan, result: StepResult) -> None:
         """Send every request what this step produced; finished and failed requests give back their slots."""
+        for chunk in plan.prefill:  # what the slots now hold, for the prefix cache (before failures clear a slot)
+            self.prefix_cache.computed(chunk.request.slot, chunk.request.tokens, chunk.start, chunk.length)
         for request in plan.cancelled:
             request.handle.put(END)
         for request in plan.ended:
@@ -277,6 +318,14 @@ class Engine:
     def _run(self) -> None:
         try:
             self.runner.start()
+            if self.prefix_cache.enabled and self.prefix_cache.exact:
+                self.prefix_cache.rows_independent = self.runner.prefill_rows_independent() and self.prefill_chunk >= 16
+                log.info(
+                    "prefix cache: exact reuse %s",
+                    "at any point"
+                    if self.prefix_cache.rows_independent
+                    else "at prefill-chunk boundaries only (prefill rows on this machine depend on their chunk)",
+                )
             with torch.inference_mode():
                 worked = False  # since the heap was last trimmed
                 while True:
@@ -302,7 +351,7 @@ class Engine:
         self._fail_all(RequestFailed("the engine was shut down"))
 
     def _fail(self, request: Request, error: BaseException) -> None:
-        self.scheduler.release(request)
+        self.scheduler.release(request, failed=True)
         request.status = RequestStatus.FAILED
         log.warning("request %s failed: %r", request.request_id, error)
         failure = RequestFailed(f"request failed: {error!r}")

@@ -15,6 +15,7 @@ import torch
 
 from app.engine.request import Request
 from app.engine.scheduler import PrefillChunk, StepPlan
+from model.invariance import prefill_rows_independent
 from model.sampling import Sampler, TokenLogprob, prompt_logprobs
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,11 @@ class ModelRunner:
             seconds = warm_up(log_progress)
             reason = getattr(self.model, "fallback_reason", None)
             log.info("decode step ready in %.1f s (%s)", seconds, f"eager: {reason}" if reason else "compiled")
+
+    def prefill_rows_independent(self) -> bool:
+        """model/invariance.py's check on the real model (slot 0; before serving); False for models without caches."""
+        target = getattr(self.model, "model", self.model)  # StaticStep wraps the Transformer; prefill runs eager
+        return hasattr(target, "layers") and prefill_rows_independent(target)
 
     def run(self, plan: StepPlan) -> StepResult:
         assert self.sampler is not None, "start() first"

@@ -69,6 +69,7 @@ class OutputProcessor:
             logprobs=logprobs,
             finish_reason=finish,
             num_prompt_tokens=request.num_prompt,
+            num_cached_tokens=request.num_cached_prompt,
             num_generated_tokens=request.num_generated,
             prompt_logprobs=None if request.sent_first else request.prompt_logprobs,
             timings=request.timings if finish is not None else None,

@@ -89,6 +89,7 @@ class GenerationOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" (cut by a drain) | None
     num_prompt_tokens: int
     num_generated_tokens: int  # running total
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only; entry 0 is None
     timings: RequestTimings | None = None  # on the final output
     # Character offset of each new token in the generated text, counted on the text this request sends
@@ -172,6 +173,7 @@ class Request:
     slot: int = -1
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     num_cached: int = 0  # tokens whose keys/values are in the slot
+    num_cached_prompt: int = 0  # prompt tokens the prefix cache supplied (usage.prompt_tokens_details.cached_tokens)
     num_generated: int = 0
     text_length: int = 0  # characters the detokenizer has produced (the next token's text_offset)
     prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -1,22 +1,23 @@
 """Who runs this step: slots for waiting requests, which prompt chunks prefill, which rows decode.
 
 The scheduler owns the waiting queue and the slot table and nothing else: it never touches tensors.
-Waiting requests take free slots lowest first, so a full house of B requests runs as slots 0..B-1 and
-the cache is read as a view. Prefill is chunked: at most `prefill_chunk` prompt tokens per step in
-all, first come first served, each prompt cut at multiples of `prefill_chunk` from its own start (so
-its numbers never depend on the other prompts: model/invariance.py). A long prompt therefore delays
+A waiting request takes the free slot that holds the longest reusable prefix of its prompt (the prefix
+cache: app/engine/prefix_cache.py), the least recently used one otherwise, and prefills only the rest.
+Prefill is chunked: at most `prefill_chunk` prompt tokens per step in all, first come first served,
+each prompt cut at multiples of `prefill_chunk` from its own start (so its numbers never depend on the
+other prompts: model/invariance.py). A long prompt therefore delays
 the running streams by at most one chunk per step instead of its whole length. Admission takes turns
 between API requests, so one request with many choices cannot hold every slot (_next_waiting).
 """
 
 from __future__ import annotations
 
-import heapq
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from app.engine.prefix_cache import PrefixCache
 from app.engine.request import EngineOverloaded, Request, RequestStatus
 
 
@@ -49,7 +50,14 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, prefill_chunk: int, max_queue: int, lock: threading.Condition) -> None:
+    def __init__(
+        self,
+        max_batch_size: int,
+        prefill_chunk: int,
+        max_queue: int,
+        lock: threading.Condition,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
         self.max_queue = max_queue
@@ -59,7 +67,9 @@ class Scheduler:
         self.lock = lock
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
-        self.free: list[int] = list(range(max_batch_size))  # a heap: lowest slot first
+        self.free: list[int] = list(range(max_batch_size))
+        # Which free slot a request gets: the one holding the longest reusable prefix of its prompt.
+        self.prefix_cache = prefix_cache or PrefixCache(max_batch_size, prefill_chunk, enabled=False)
 
     def add(self, request: Request) -> None:
         """Queue a request (event loop, under `lock`); raises EngineOverloaded when the queue is full."""
@@ -82,11 +92,12 @@ class Scheduler:
         plan.prefill = self._prefill_chunks()
         return plan
 
-    def release(self, request: Request) -> None:
-        """Give a request's slot back (idempotent)."""
+    def release(self, request: Request, failed: bool = False) -> None:
+        """Give a request's slot back (idempotent); what it computed stays for the prefix cache unless it failed."""
         if self.running.get(request.slot) is request:
             del self.running[request.slot]
-            heapq.heappush(self.free, request.slot)
+            self.free.append(request.slot)
+            self.prefix_cache.release(request.slot, request.tokens, request.num_cached, failed)
 
     def take_everything(self) -> list[Request]:
         """Empty the engine (it is stopping or died): every request, running first, slots reset."""
@@ -94,6 +105,7 @@ class Scheduler:
             waiting, self.waiting = list(self.waiting), deque()
         running, self.running = list(self.running.values()), {}
         self.free = list(range(self.max_batch_size))
+        self.prefix_cache.forget_all()
         return running + waiting
 
     def _reap_cancelled(self) -> list[Request]:
@@ -128,7 +140,12 @@ class Scheduler:
                     continue
                 if not self.free:
                     return
-                request.slot = heapq.heappop(self.free)
+                prompt = request.params.prompt_ids
+                # Echo + logprobs needs every prompt position's logits: it reuses nothing.
+                request.slot, reuse = self.prefix_cache.choose(self.free, prompt, use_cache=request.prompt_logprobs is None)
+                self.free.remove(request.slot)
+                self.prefix_cache.start(request.slot, prompt, reuse)
+                request.num_cached = request.num_cached_prompt = reuse
                 request.status = RequestStatus.PREFILLING
                 request.timings.scheduled = time.monotonic()
                 self.running[request.slot] = request
@@ -151,7 +168,8 @@ class Scheduler:
         budget, chunks = self.prefill_chunk, []
         prefilling = (r for r in self.running.values() if r.status is RequestStatus.PREFILLING)
         for request in sorted(prefilling, key=lambda r: r.order):
-            n = min(request.num_prompt - request.num_cached, self.prefill_chunk)
+            # To the next multiple of prefill_chunk: after a cached prefix, the chunks line up with a cold prefill's.
+            n = min(request.num_prompt - request.num_cached, self.prefill_chunk - request.num_cached % self.prefill_chunk)
             if n > budget and budget < self.prefill_chunk:
                 continue
             budget -= n

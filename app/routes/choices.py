@@ -28,6 +28,7 @@ class Choice:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
     num_generated_tokens: int = 0
     last_output_at: float | None = None
 
@@ -46,6 +47,7 @@ class Choice:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_cached_tokens = out.num_cached_tokens
         self.num_generated_tokens = out.num_generated_tokens
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
@@ -65,12 +67,13 @@ def wire_finish_reason(reason: str | None) -> Literal["stop", "length"]:
 
 
 def usage_of(choices: list[Choice]) -> Usage:
-    """Prompt tokens once per prompt (shared by its n choices), completion tokens over all choices."""
+    """Prompt tokens (and their cached part) once per prompt, shared by its n choices; completion tokens over all choices."""
     usage = Usage()
     seen: set[int] = set()
     for c in choices:
         prompt = c.num_prompt_tokens or len(c.prompt_ids)
-        usage.add(0 if c.prompt_index in seen else prompt, c.num_generated_tokens)
+        first = c.prompt_index not in seen
+        usage.add(prompt if first else 0, c.num_generated_tokens, c.num_cached_tokens if first else 0)
         seen.add(c.prompt_index)
     return usage
 

@@ -46,6 +46,13 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+@get_and_head("/slots", summary="What each KV-cache slot holds: its request, or the prefix it keeps for the next one")
+async def slots(request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    engine = state.require_engine()
+    return engine.slots_snapshot()
+
+
 @get_and_head("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

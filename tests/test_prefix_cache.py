@@ -1,0 +1,188 @@
+"""Prefix caching (issue 13): a request reuses the keys a finished request left in its slot, and with a
+batch-invariant model its outputs are the same bits as without the cache."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from app.engine import Engine, GenerationOutput, GenerationRequest
+from app.engine.prefix_cache import PrefixCache
+from model.checkpoint import load_model
+from model.invariance import make_batch_invariant
+from model.sampling import SamplingParams
+from model.tokenizer import ByteTokenizer
+from tests.support.engine import collect, run
+from tests.support.models import tiny_model
+
+# ---------------------------------------------------------------- the reuse rules
+
+
+def test_the_last_prompt_token_is_always_recomputed() -> None:
+    cache = PrefixCache(2, chunk=512, exact=False)
+    assert cache.reusable([1, 2, 3, 4], [1, 2, 3]) == 2
+    assert cache.reusable([1, 2, 9], [1, 2, 3, 4]) == 2
+    assert cache.reusable([5], [1, 2]) == 0
+
+
+def test_exact_reuse_stops_at_a_chunk_boundary_unless_prefill_rows_are_independent() -> None:
+    held, prompt = list(range(100)), list(range(100)) + [7] * 50
+    assert PrefixCache(1, chunk=32, rows_independent=False).reusable(held, prompt) == 96
+    assert PrefixCache(1, chunk=32, rows_independent=True).reusable(held, prompt) == 100
+    # The first recomputed chunk must be dense (>= 16 tokens), as the cold prefill's chunk there is.
+    assert PrefixCache(1, chunk=32, rows_independent=True).reusable(held, list(range(100)) + [7] * 14) == 114 - 16
+    # A cold prefill whose last chunk is short runs it on other kernels: reuse stops at its start.
+    assert PrefixCache(1, chunk=32, rows_independent=True).reusable(held, list(range(100))) == 96
+
+
+def test_exact_slots_offer_only_prompt_positions_of_dense_chunks() -> None:
+    cache = PrefixCache(1, chunk=32, rows_independent=True)
+    tokens = list(range(80))
+    cache.start(0, tokens, 0)
+    cache.computed(0, tokens, 0, 32)
+    cache.computed(0, tokens, 32, 32)
+    cache.computed(0, tokens, 64, 10)  # a short last chunk: other kernels
+    cache.release(0, tokens + [1, 2, 3], num_cached=82)  # generated tokens: decode kernels
+    assert cache.slots[0].tokens == tokens[:64]
+    loose = PrefixCache(1, chunk=32, exact=False)
+    loose.release(0, tokens + [1, 2, 3], num_cached=82)
+    assert loose.slots[0].tokens == (tokens + [1, 2])
+    loose.release(0, tokens, num_cached=80, failed=True)
+    assert loose.slots[0].tokens == []
+
+
+def test_admission_picks_the_longest_prefix_then_the_least_recently_used_slot() -> None:
+    cache = PrefixCache(3, chunk=512, exact=False)
+    cache.release(0, [1, 2, 3, 4, 5], 5)
+    cache.release(1, [1, 2, 9], 3)
+    cache.release(2, [8, 8], 2)
+    assert cache.choose([0, 1, 2], [1, 2, 3, 4, 6]) == (0, 4)
+    assert cache.choose([1, 2], [5, 5]) == (1, 0)  # a miss: slot 1 ended before slot 2
+    assert cache.stats.queries == 7 and cache.stats.hits == 4
+    off = PrefixCache(3, chunk=512, enabled=False, exact=False)
+    off.release(0, [1, 2, 3], 3)
+    assert off.choose([0, 1], [1, 2, 3, 4]) == (1, 0) and off.stats.queries == 0
+
+
+# ---------------------------------------------------------------- the engine: same bits, cache on or off
+
+
+def invariant_engine(prefix_cache: bool, chunk: int = 32) -> Engine:
+    model = tiny_model(max_batch_size=2, max_seq_len=256)
+    make_batch_invariant(model)
+    model.setup_cache(2, 256, batch_invariant=True)
+    engine = Engine(model, ByteTokenizer(), max_batch_size=2, max_seq_len=256, prefill_chunk=chunk, prefix_cache=prefix_cache)
+    engine.start()
+    return engine
+
+
+def conversation(engine: Engine, turns: int = 4) -> list[tuple[list[int], list[float], int]]:
+    """Each turn resends the history (prompt + answer) plus a new message: (tokens, logprobs, cached) per turn."""
+
+    async def talk() -> list[tuple[list[int], list[float], int]]:
+        history: list[int] = [(11 * j) % 256 for j in range(40)]
+        results = []
+        for turn in range(turns):
+            history = history + [(5 * turn + 3 * j) % 256 for j in range(9 + 7 * turn)]
+            sampling = SamplingParams(temperature=0, logprobs=2)
+            outputs: list[GenerationOutput] = await collect(
+                engine.submit(GenerationRequest(list(history), sampling=sampling, max_tokens=12, ignore_eos=True))
+            )
+            ids = [t for o in outputs for t in o.token_ids]
+            logprobs = [lp.logprob for o in outputs for lp in (o.logprobs or [])]
+            results.append((ids, logprobs, outputs[-1].num_cached_tokens))
+            history = history + ids
+        return results
+
+    try:
+        return run(talk())
+    finally:
+        engine.shutdown()
+
+
+def test_a_multi_turn_chat_gives_the_same_bits_with_the_cache_and_reuses_the_history() -> None:
+    cold = conversation(invariant_engine(prefix_cache=False))
+    warm = conversation(invariant_engine(prefix_cache=True))
+    for turn, ((ids_a, lp_a, cached_a), (ids_b, lp_b, _cached)) in enumerate(zip(cold, warm)):
+        assert ids_a == ids_b and lp_a == lp_b, f"turn {turn}"
+        assert cached_a == 0
+    assert warm[0][2] == 0 and all(cached > 0 for _, _, cached in warm[1:]), [c for _, _, c in warm]
+
+
+def test_echo_with_prompt_logprobs_reuses_nothing_and_a_failed_slot_offers_nothing() -> None:
+    engine = invariant_engine(prefix_cache=True)
+    prompt = [(3 * j) % 256 for j in range(70)]
+
+    async def go() -> tuple[list[GenerationOutput], list[GenerationOutput]]:
+        first = await collect(engine.submit(GenerationRequest(prompt, max_tokens=2)))
+        echo = await collect(engine.submit(GenerationRequest(prompt + [1], max_tokens=2, prompt_logprobs=True)))
+        return first, echo
+
+    try:
+        _, echo = run(go())
+    finally:
+        engine.shutdown()
+    assert echo[-1].num_cached_tokens == 0 and echo[0].prompt_logprobs is not None and len(echo[0].prompt_logprobs) == 71
+
+
+# ---------------------------------------------------------------- the real model
+
+
+def test_the_default_model_gives_the_same_logprobs_with_the_cache_on_a_shared_system_prompt(smollm2_path: Path) -> None:
+    """int4 decode, bf16/fp32 dense prefill: whatever this CPU's kernels, the cache changes no bit."""
+    loaded = load_model(smollm2_path, quantization="int4", max_batch_size=2, max_seq_len=512)
+    tokenizer = loaded.tokenizer
+    system = tokenizer.encode("You are a helpful assistant who answers in one short sentence. " * 6)
+    questions = ["What is the capital of France?", "Name a colour of the sky.", "How many legs has a cat?"]
+
+    def answers(prefix_cache: bool) -> list[tuple[list[int], list[float], int]]:
+        engine = Engine(loaded.model, tokenizer, max_batch_size=2, max_seq_len=512, prefix_cache=prefix_cache)
+        engine.start()
+
+        async def ask() -> list[tuple[list[int], list[float], int]]:
+            out: list[tuple[list[int], list[float], int]] = []
+            for q in questions:
+                sampling = SamplingParams(temperature=0, logprobs=1)
+                request = GenerationRequest(system + tokenizer.encode(q), sampling=sampling, max_tokens=8, ignore_eos=True)
+                outputs = await collect(engine.submit(request))
+                out.append(
+                    (
+                        [t for o in outputs for t in o.token_ids],
+                        [lp.logprob for o in outputs for lp in (o.logprobs or [])],
+                        outputs[-1].num_cached_tokens,
+                    )
+                )
+            return out
+
+        try:
+            return run(ask(), timeout=300)
+        finally:
+            engine.shutdown()
+
+    cold, warm = answers(False), answers(True)
+    assert [a[:2] for a in cold] == [a[:2] for a in warm]
+    assert warm[0][2] == 0 and all(c > 0 for _, _, c in warm[1:]), [c for _, _, c in warm]
+
+
+def test_the_slot_snapshot_shows_a_running_request_then_what_its_slot_keeps() -> None:
+    engine = invariant_engine(prefix_cache=True)
+    prompt = [(3 * j) % 256 for j in range(40)]
+
+    async def go() -> tuple[dict[str, Any], dict[str, Any]]:
+        handle = engine.submit(GenerationRequest(prompt, max_tokens=50, ignore_eos=True), request_id="cmpl-x")
+        async for _ in handle:
+            during = engine.slots_snapshot()
+            break
+        await collect(handle)
+        await asyncio.sleep(0.05)
+        return during, engine.slots_snapshot()
+
+    try:
+        during, after = run(go())
+    finally:
+        engine.shutdown()
+    [busy] = [s for s in during["slots"] if s["request"] is not None]
+    assert busy["request"]["id"] == "cmpl-x" and busy["request"]["prompt_tokens"] == 40
+    assert all(s["request"] is None for s in after["slots"])
+    assert after["slots"][busy["slot"]]["cached_tokens"] > 0 and after["slots"][busy["slot"]]["idle_s"] is not None
