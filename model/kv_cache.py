@@ -44,6 +44,11 @@ class KVCache(nn.Module):
             return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
         return read_slots(self.k, slots, kv_len), read_slots(self.v, slots, kv_len)
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Positions [0, length) of slot `source` into slot `target` (the prefix cache shares a prompt)."""
+        self.k[target, :, :length] = self.k[source, :, :length]
+        self.v[target, :, :length] = self.v[source, :, :length]
+
 
 @torch.library.custom_op("llamaserve::read_slots", mutates_args=())
 def read_slots(cache: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:

@@ -355,6 +355,13 @@ class Transformer(nn.Module):
             return logits.reshape(*h.shape[:-1], -1).float()
         return F.linear(h, self.head_weight()).float()
 
+    @torch.inference_mode()
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Every layer's keys and values of positions [0, length) from slot `source` to slot `target`."""
+        for layer in self.layers:
+            assert isinstance(layer, TransformerBlock) and layer.attention.cache is not None
+            layer.attention.cache.copy_prefix(source, target, length)
+
     def fuse_projections(self) -> None:
         """Stack wq/wk/wv and w1/w3 into one layer each (after loading: checkpoints name them apart).
 

@@ -107,6 +107,9 @@ class StaticStep:
         return self._padded(tokens, positions, slots, bucket, min(round_up(kv_len, KV_BLOCK), self.model.cache_len))
 
     @torch.inference_mode()
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        self.model.copy_prefix(source, target, length)
+
     def warm_up(self, progress: Callable[[int, int, int, float], None] | None = None) -> float:
         """Compile every batch bucket now (start-up) rather than on the first request of that size.
 

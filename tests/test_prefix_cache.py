@@ -68,11 +68,11 @@ def test_admission_picks_the_longest_prefix_then_the_least_recently_used_slot() 
 # ---------------------------------------------------------------- the engine: same bits, cache on or off
 
 
-def invariant_engine(prefix_cache: bool, chunk: int = 32) -> Engine:
-    model = tiny_model(max_batch_size=2, max_seq_len=256)
+def invariant_engine(prefix_cache: bool, chunk: int = 32, slots: int = 2) -> Engine:
+    model = tiny_model(max_batch_size=slots, max_seq_len=256)
     make_batch_invariant(model)
-    model.setup_cache(2, 256, batch_invariant=True)
-    engine = Engine(model, ByteTokenizer(), max_batch_size=2, max_seq_len=256, prefill_chunk=chunk, prefix_cache=prefix_cache)
+    model.setup_cache(slots, 256, batch_invariant=True)
+    engine = Engine(model, ByteTokenizer(), max_batch_size=slots, max_seq_len=256, prefill_chunk=chunk, prefix_cache=prefix_cache)
     engine.start()
     return engine
 
@@ -186,3 +186,34 @@ def test_the_slot_snapshot_shows_a_running_request_then_what_its_slot_keeps() ->
     assert busy["request"]["id"] == "cmpl-x" and busy["request"]["prompt_tokens"] == 40
     assert all(s["request"] is None for s in after["slots"])
     assert after["slots"][busy["slot"]]["cached_tokens"] > 0 and after["slots"][busy["slot"]]["idle_s"] is not None
+
+
+def test_choices_sent_together_prefill_their_prompt_once_and_give_the_same_bits() -> None:
+    prompt = [(5 * j + 1) % 256 for j in range(90)]
+
+    def choices(prefix_cache: bool) -> tuple[list[tuple[list[int], list[float], int]], int]:
+        engine = invariant_engine(prefix_cache, slots=4)
+
+        async def go() -> list[tuple[list[int], list[float], int]]:
+            sampling = SamplingParams(temperature=0, logprobs=1)
+            handles = [
+                engine.submit(GenerationRequest(prompt, sampling=sampling, max_tokens=6, ignore_eos=True), group="g")
+                for _ in range(3)
+            ]
+            out = []
+            for handle in handles:
+                outputs = await collect(handle)
+                lps = [lp.logprob for o in outputs for lp in (o.logprobs or [])]
+                out.append(([t for o in outputs for t in o.token_ids], lps, outputs[-1].num_cached_tokens))
+            return out
+
+        try:
+            return run(go()), engine.stats().prompt_tokens_total
+        finally:
+            engine.shutdown()
+
+    (cold, cold_prefilled), (warm, warm_prefilled) = choices(False), choices(True)
+    assert [c[:2] for c in cold] == [c[:2] for c in warm]
+    assert cold_prefilled == 3 * len(prompt)
+    assert warm_prefilled < 2 * len(prompt), warm_prefilled  # one whole prefill, the others only their tails
+    assert [c > 0 for _, _, c in warm] == [False, True, True]  # the first computes, the other two borrow

@@ -106,7 +106,9 @@ class Engine:
         self.prefix_cache = PrefixCache(
             max_batch_size, prefill_chunk, enabled=prefix_cache, exact=bool(getattr(model, "batch_invariant", False))
         )
-        self.scheduler = Scheduler(max_batch_size, prefill_chunk, max_queue, self._cond, self.prefix_cache)
+        self.scheduler = Scheduler(
+            max_batch_size, prefill_chunk, max_queue, self._cond, self.prefix_cache, share_prefixes=hasattr(model, "copy_prefix")
+        )
         self.runner = ModelRunner(model, max_batch_size)
         self.output_processor = OutputProcessor(max_seq_len)
         self._ids = itertools.count()

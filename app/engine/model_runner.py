@@ -104,6 +104,8 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 - one bad request (e.g. a logit_bias id past validation) fails alone
                 result.failed.append((request, e))
                 failed.add(id(request))
+        for copy in plan.copies:
+            self.model.copy_prefix(copy.source, copy.target, copy.length)  # type: ignore[attr-defined]
         rows: list[Request] = []
         logits: list[torch.Tensor] = []
         for chunk in plan.prefill:

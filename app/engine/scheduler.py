@@ -34,6 +34,16 @@ class PrefillChunk:
 
 
 @dataclass
+class PrefixCopy:
+    """Keys/values of positions [0, length) from one slot to another: a prompt prefix another running
+    request computed (the n choices of one request, concurrent requests with one system prompt)."""
+
+    source: int
+    target: int
+    length: int
+
+
+@dataclass
 class StepPlan:
     """One step's work. The model runner executes admitted/prefill/decode; the rest is bookkeeping."""
 
@@ -43,10 +53,11 @@ class StepPlan:
     cancelled: list[Request] = field(default_factory=list)  # their clients left; slots already freed
     ended: list[Request] = field(default_factory=list)  # a drain ran out of time: end with what they have
     no_compute: list[Request] = field(default_factory=list)  # max_tokens 0 without logprobs: done at once
+    copies: list[PrefixCopy] = field(default_factory=list)  # run before the prefill chunks
 
     @property
     def runs_model(self) -> bool:
-        return bool(self.prefill or self.decode)
+        return bool(self.prefill or self.decode or self.copies)
 
 
 class Scheduler:
@@ -57,6 +68,7 @@ class Scheduler:
         max_queue: int,
         lock: threading.Condition,
         prefix_cache: PrefixCache | None = None,
+        share_prefixes: bool = False,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
@@ -70,6 +82,7 @@ class Scheduler:
         self.free: list[int] = list(range(max_batch_size))
         # Which free slot a request gets: the one holding the longest reusable prefix of its prompt.
         self.prefix_cache = prefix_cache or PrefixCache(max_batch_size, prefill_chunk, enabled=False)
+        self.share_prefixes = share_prefixes and self.prefix_cache.enabled  # the model can copy between slots
 
     def add(self, request: Request) -> None:
         """Queue a request (event loop, under `lock`); raises EngineOverloaded when the queue is full."""
@@ -89,7 +102,7 @@ class Scheduler:
             return plan
         self._admit(plan)
         plan.decode = [r for _, r in sorted(self.running.items()) if r.status is RequestStatus.DECODING]
-        plan.prefill = self._prefill_chunks()
+        plan.prefill = self._prefill_chunks(plan.copies)
         return plan
 
     def release(self, request: Request, failed: bool = False) -> None:
@@ -162,12 +175,16 @@ class Scheduler:
         running = Counter(r.group for r in self.running.values())
         return min(self.waiting, key=lambda r: running[r.group])  # min keeps the first (oldest) of equals
 
-    def _prefill_chunks(self) -> list[PrefillChunk]:
+    def _prefill_chunks(self, copies: list[PrefixCopy]) -> list[PrefillChunk]:
         """Whole chunks up to prefill_chunk tokens in all (at least one). A chunk larger than what is
-        left of the budget waits for the next step; smaller ones behind it may go first."""
+        left of the budget waits for the next step; smaller ones behind it may go first. With prefix
+        sharing, a prompt first borrows what other slots computed of it (`copies`), and waits while an
+        earlier request is still computing a prefix it could borrow."""
         budget, chunks = self.prefill_chunk, []
-        prefilling = (r for r in self.running.values() if r.status is RequestStatus.PREFILLING)
-        for request in sorted(prefilling, key=lambda r: r.order):
+        prefilling = sorted((r for r in self.running.values() if r.status is RequestStatus.PREFILLING), key=lambda r: r.order)
+        for request in prefilling:
+            if self.share_prefixes and self._borrow(request, prefilling, copies):
+                continue
             # To the next multiple of prefill_chunk: after a cached prefix, the chunks line up with a cold prefill's.
             n = min(request.num_prompt - request.num_cached, self.prefill_chunk - request.num_cached % self.prefill_chunk)
             if n > budget and budget < self.prefill_chunk:
@@ -177,3 +194,28 @@ class Scheduler:
             if budget <= 0:
                 break
         return chunks
+
+    def _borrow(self, request: Request, prefilling: list[Request], copies: list[PrefixCopy]) -> bool:
+        """Copy the longest reusable prefix of the request's prompt that another running slot holds, if
+        longer than what it has; True when it should wait for an earlier request still computing more."""
+        prompt, cache = request.params.prompt_ids, self.prefix_cache
+        if request.prompt_logprobs is not None:
+            return False
+        best, source = request.num_cached, -1
+        for other in self.running.values():
+            if other is not request:
+                reuse = cache.reusable(cache.slots[other.slot].tokens, prompt)
+                if reuse > best:
+                    best, source = reuse, other.slot
+        if source >= 0:
+            copies.append(PrefixCopy(source, request.slot, best))
+            cache.start(request.slot, prompt, best)
+            cache.stats.hits += best - request.num_cached
+            request.num_cached_prompt += best - request.num_cached
+            request.num_cached = best
+        for other in prefilling:
+            if other.order >= request.order:
+                break
+            if cache.reusable(other.params.prompt_ids, prompt) > request.num_cached:
+                return True  # it will hold more of this prompt soon: borrow then instead of computing twice
+        return False
