@@ -42,6 +42,11 @@ def question(conversation: int, turn: int) -> str:
     return f"Conversation {conversation}, question {turn + 1}: tell me one surprising fact about {topic}."
 
 
+# A fresh connection per request: llama-server's HTTP library closes a keep-alive connection after a few
+# requests, and a request sent on it just then fails ("Server disconnected without sending a response").
+NO_KEEPALIVE = httpx.Limits(max_keepalive_connections=0)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -71,7 +76,7 @@ async def multi_turn(url: str, model: str, args: argparse.Namespace) -> list[lis
     """TTFT of every turn of every conversation: result[turn] = one value per conversation."""
     per_turn: list[list[float]] = [[] for _ in range(args.turns)]
     system = INSTRUCTIONS * args.system_repeat
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=NO_KEEPALIVE) as client:
 
         async def talk(c: int) -> None:
             messages = [{"role": "system", "content": f"{system}This is conversation {c}."}]  # an agent's long instructions
@@ -89,7 +94,7 @@ async def shared_system(url: str, model: str, args: argparse.Namespace) -> list[
     """TTFT of each request after the first wave (which fills the cache)."""
     gate = asyncio.Semaphore(args.shared_concurrency)
     system = INSTRUCTIONS * args.system_repeat
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=NO_KEEPALIVE) as client:
         first = [{"role": "system", "content": system}, {"role": "user", "content": question(999, 0)}]
         await chat_ttft(client, model, first, args.max_tokens)  # the system prompt is now computed once
 
@@ -119,7 +124,7 @@ def run_ours(args: argparse.Namespace, cache: bool) -> dict[str, Any]:
     port = free_port()
     cmd = [sys.executable, "-m", "app", "--model", str(args.model), "--host", "127.0.0.1", "--port", str(port),
            "--threads", str(args.threads), "--max-batch-size", str(args.slots), "--max-seq-len", str(args.max_seq_len),
-           "--prefix-cache" if cache else "--no-prefix-cache"]  # fmt: skip
+           "--prefix-cache" if cache else "--no-prefix-cache", *args.ours_args.split()]  # fmt: skip
     name = "ours" if cache else "ours-no-cache"
     with server(name, cmd, port, dict(os.environ), args.ready_timeout) as served:
         return measure(served, args)
@@ -186,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shared-requests", type=int, default=16)
     parser.add_argument("--shared-concurrency", type=int, default=4)
     parser.add_argument("--servers", nargs="+", default=["ours", "ours-no-cache", "llama-server", "vllm"])
+    parser.add_argument("--ours-args", default="", help="more llamaserve flags, e.g. --no-batch-invariant (reuses answers too)")
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary")
     parser.add_argument("--vllm-start", type=Path, help="../shared/peers/start_vllm_cpu.sh")
     parser.add_argument("--peers-dir", type=Path, default=Path.home() / "peers")
