@@ -63,14 +63,19 @@ def default_path_model(smollm2_path: Path) -> LoadedModel:
 
 
 def comparable(path: str, body: dict[str, Any], response: httpx.Response) -> Any:
-    """What a client sees, minus ids and timestamps."""
+    """What a client sees, minus ids, timestamps and how much of the prompt the prefix cache supplied (which
+    depends on what ran before; the outputs must not)."""
     assert response.status_code == 200, response.text
     if not body.get("stream"):
         data = response.json()
-        return {"choices": data["choices"], "usage": data["usage"]}
+        return {"choices": data["choices"], "usage": uncached(data["usage"])}
     events, done, _ = parse_sse(response.text)
     assert done
-    return [{k: v for k, v in e.items() if k not in ("id", "created")} for e in events]
+    return [{k: uncached(v) if k == "usage" else v for k, v in e.items() if k not in ("id", "created")} for e in events]
+
+
+def uncached(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if usage is None else {k: v for k, v in usage.items() if k != "prompt_tokens_details"}
 
 
 def crowd_requests() -> list[tuple[str, dict[str, Any]]]:
