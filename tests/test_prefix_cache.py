@@ -4,11 +4,12 @@ batch-invariant model its outputs are the same bits as without the cache."""
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 from typing import Any
 
 from app.engine import Engine, GenerationOutput, GenerationRequest
-from app.engine.prefix_cache import PrefixCache
+from app.engine.prefix_cache import PrefixCache, common_prefix
 from model.checkpoint import load_model
 from model.invariance import make_batch_invariant
 from model.sampling import SamplingParams
@@ -17,6 +18,15 @@ from tests.support.engine import collect, run
 from tests.support.models import tiny_model
 
 # ---------------------------------------------------------------- the reuse rules
+
+
+def test_common_prefix_matches_an_element_wise_scan() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.randrange(3) for _ in range(rng.randrange(0, 40))]
+        b = a[: rng.randrange(0, len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(0, 10))]
+        expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == expected == common_prefix(b, a)
 
 
 def test_the_last_prompt_token_is_always_recomputed() -> None:
