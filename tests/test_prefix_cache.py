@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
-from app.engine import Engine, GenerationOutput, GenerationRequest
+from app.engine import Engine, GenerationOutput, GenerationRequest, RequestStatus
 from app.engine.prefix_cache import PrefixCache, common_prefix
+from app.engine.request import Request, RequestTimings
+from app.engine.scheduler import Scheduler
+from app.stop import StopMatcher
 from model.checkpoint import load_model
 from model.invariance import make_batch_invariant
 from model.sampling import SamplingParams
-from model.tokenizer import ByteTokenizer
+from model.tokenizer import ByteTokenizer, IncrementalDetokenizer
 from tests.support.engine import collect, run
 from tests.support.models import tiny_model
 
@@ -227,3 +231,49 @@ def test_choices_sent_together_prefill_their_prompt_once_and_give_the_same_bits(
     assert cold_prefilled == 3 * len(prompt)
     assert warm_prefilled < 2 * len(prompt), warm_prefilled  # one whole prefill, the others only their tails
     assert [c > 0 for _, _, c in warm] == [False, True, True]  # the first computes, the other two borrow
+
+
+def test_a_cancelled_chunked_prefill_leaves_only_what_it_wrote_over_the_old_prefix() -> None:
+    """Slot 0 holds P1; B (sharing 40 tokens) overwrites it from there, one chunk, and is cancelled:
+    a later request with P1 must not take the overwritten positions."""
+    cache = PrefixCache(1, chunk=32, rows_independent=True)
+    sched = Scheduler(1, 32, 8, threading.Condition(), cache)
+
+    def request(order: int, prompt: list[int]) -> Request:
+        handle = type("Handle", (), {"request_id": f"r{order}", "cancelled": False})()
+        return Request(
+            handle=handle,  # type: ignore[arg-type]
+            params=GenerationRequest(prompt, max_tokens=2),
+            stop_ids=frozenset(),
+            detokenizer=IncrementalDetokenizer(ByteTokenizer()),
+            matcher=StopMatcher([]),
+            timings=RequestTimings(arrival=0.0),
+            order=order,
+            tokens=list(prompt),
+        )
+
+    def step() -> None:
+        plan = sched.schedule()
+        for chunk in plan.prefill:  # what the engine records after the model ran the chunk
+            cache.computed(chunk.request.slot, chunk.request.tokens, chunk.start, chunk.length)
+            chunk.request.cached(chunk.length)
+
+    p1 = [(7 * j) % 251 for j in range(100)]
+    p2 = p1[:40] + [(3 * j + 1) % 251 for j in range(60)]
+    a = request(0, p1)
+    sched.add(a)
+    while a.status is not RequestStatus.DECODING:
+        step()
+    sched.release(a)
+    assert cache.slots[0].tokens == p1[:96]  # three dense chunks; the 4-token tail ran on other kernels
+    b = request(1, p2)
+    sched.add(b)
+    step()
+    assert b.num_cached_prompt == 40 and b.num_cached == 64  # reused 40, then the chunk up to the boundary
+    b.handle.cancelled = True
+    step()  # reaps it: its slot keeps what it computed
+    assert cache.slots[0].tokens == p2[:64]
+    c = request(2, p1)
+    sched.add(c)
+    sched.schedule()
+    assert c.num_cached_prompt == 40
