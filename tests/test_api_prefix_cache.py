@@ -59,3 +59,12 @@ async def test_the_cache_can_be_turned_off() -> None:
         slots = (await client.get("/slots")).json()
     assert second["prompt_tokens_details"] == {"cached_tokens": 0}
     assert slots["prefix_cache"]["enabled"] is False and all(s["cached_tokens"] == 0 for s in slots["slots"])
+
+
+async def test_slots_are_behind_the_api_key() -> None:
+    """/slots names requests in flight: unlike /health and /metrics it needs the key."""
+    async with serve_app(settings(api_key="sekret")) as client:
+        denied = await client.get("/slots")
+        allowed = await client.get("/slots", headers={"Authorization": "Bearer sekret"})
+    assert denied.status_code == 401 and denied.json()["error"]["type"]
+    assert allowed.status_code == 200 and len(allowed.json()["slots"]) >= 1
