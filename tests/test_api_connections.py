@@ -16,7 +16,7 @@ import httpx
 
 from app.connections import SHUTDOWN_GRACE_S
 from tests.support import REPO
-from tests.support.api import free_port, settings, tiny_loaded, uvicorn_thread
+from tests.support.api import free_port, settings, tiny_loaded, uvicorn_thread, wait_healthy
 
 
 def connect(url: str) -> socket.socket:
@@ -78,14 +78,7 @@ def test_sigterm_with_a_stuck_client_still_exits_within_drain_plus_grace(smollm2
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(url, proc, tmp_path / "server.log", timeout=120)
         stuck = connect(url)
         stuck.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                       b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\n")  # fmt: skip

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from tests.support import REPO
-from tests.support.api import free_port
+from tests.support.api import free_port, wait_healthy
 from tests.support.oracle import GOLDEN_PROMPT
 
 API_KEY = "sk-llamaserve-test"
@@ -61,16 +61,7 @@ def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     url = f"http://127.0.0.1:{port}"
     _PROCESSES[url] = proc
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"server exited: {log.read_text()}"
-            assert time.monotonic() < deadline, "server not ready in 120 s"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url, proc, log, timeout=120)
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)

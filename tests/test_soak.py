@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from bench.soak import run as soak
 from tests.support import REPO
-from tests.support.api import free_port
+from tests.support.api import free_port, wait_healthy
 
 MAX_GROWTH = 0.05  # issue 12's target, after warm-up
 
@@ -32,15 +31,7 @@ def test_soak_keeps_memory_flat_with_no_5xx_and_no_leaked_slot(smollm2_path: Pat
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300  # a cold compile cache takes a minute or so on 2 cores
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        wait_healthy(url, proc, tmp_path / "server.log", timeout=300)  # a cold compile cache takes a minute or so
         report = soak(url, proc.pid, requests=160, concurrency=8, disconnect_share=0.2, idle_s=2.0, seed=0, warmup_requests=64)
         metrics = httpx.get(f"{url}/metrics").text
     finally:

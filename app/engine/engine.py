@@ -245,7 +245,7 @@ class Engine:
             "prefix_cache": {
                 "enabled": cache.enabled,
                 "exact": cache.exact,
-                "reuse_within_chunks": cache.rows_independent,
+                "reuse_within_chunks": cache.reuses_within_chunks,
                 "queries": cache.stats.queries,
                 "hits": cache.stats.hits,
             },
@@ -321,11 +321,11 @@ class Engine:
         try:
             self.runner.start()
             if self.prefix_cache.enabled and self.prefix_cache.exact:
-                self.prefix_cache.rows_independent = self.runner.prefill_rows_independent() and self.prefill_chunk >= 16
+                self.prefix_cache.rows_independent = self.runner.prefill_rows_independent()
                 log.info(
                     "prefix cache: exact reuse %s",
                     "at any point"
-                    if self.prefix_cache.rows_independent
+                    if self.prefix_cache.reuses_within_chunks
                     else "at prefill-chunk boundaries only (prefill rows on this machine depend on their chunk)",
                 )
             with torch.inference_mode():

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.llama import PREFILL_PAD_FROM
+
 
 @dataclass
 class SlotContent:
@@ -66,15 +68,20 @@ class PrefixCache:
         enabled: bool = True,
         exact: bool = True,
         rows_independent: bool = False,
-        dense_from: int = 16,
+        dense_from: int = PREFILL_PAD_FROM,
     ) -> None:
         self.enabled = enabled
         self.chunk = chunk
         self.exact = exact
-        self.rows_independent = rows_independent and chunk >= dense_from
+        self.rows_independent = rows_independent  # set by the engine once it has checked the model
         self.dense_from = dense_from
         self.slots = [SlotContent() for _ in range(num_slots)]
         self.stats = PrefixCacheStats()
+
+    @property
+    def reuses_within_chunks(self) -> bool:
+        """Reuse may end inside a prefill chunk: rows were checked independent, and chunks are long enough to be dense."""
+        return self.rows_independent and self.chunk >= self.dense_from
 
     def choose(self, free: list[int], prompt: list[int], use_cache: bool = True) -> tuple[int, int]:
         """(slot, reusable prefix length) for a prompt among the free slots: the longest reusable prefix,
@@ -97,7 +104,7 @@ class PrefixCache:
         if reuse <= 0 or not self.exact:
             return max(reuse, 0)
         chunk_start = reuse // self.chunk * self.chunk
-        if not self.rows_independent:
+        if not self.reuses_within_chunks:
             return chunk_start
         chunk_end = min(n, chunk_start + self.chunk)
         if chunk_end - chunk_start < self.dense_from:  # the cold prefill runs this chunk on other kernels
