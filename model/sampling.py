@@ -1,8 +1,9 @@
 """Next-token sampling for a batch of rows, each with its own parameters, in one batched pass.
 
-Order of operations (vLLM v1's): raw logits -> logprobs (of the raw logits) -> logit_bias and
-min_tokens suppression -> repetition penalty (HF: prompt + generated) -> presence / frequency penalties
-(OpenAI: generated only) -> temperature -> min_p -> top_k -> top_p -> one draw per row.
+Order of operations (vLLM v1's): raw logits -> logprobs (of the raw logits) -> logit_bias, the
+grammar's allowed tokens (model/grammar.py) and min_tokens suppression -> repetition penalty (HF:
+prompt + generated) -> presence / frequency penalties (OpenAI: generated only) -> temperature ->
+min_p -> top_k -> top_p -> one draw per row.
 
 Why the pieces look the way they do:
 - Per-slot state lives in tensors ([max_batch, vocab] counts, prompt mask, bias), updated with one
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+
+from model.grammar import TokenMask
 
 LOGPROB_FLOOR = -9999.0  # logprobs are clamped here so JSON never carries -inf
 MAX_LOGPROBS = 20  # OpenAI chat top_logprobs range (the legacy endpoint limits itself to 5)
@@ -159,18 +162,24 @@ class Sampler:
         self.frequency[slot] = params.frequency_penalty
         self.repetition[slot] = max(params.repetition_penalty, MIN_PENALTY)
 
-    def sample(self, logits: torch.Tensor, slots: Sequence[int], suppress: Sequence[bool] | None = None) -> SampleOutput:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        slots: Sequence[int],
+        suppress: Sequence[bool] | None = None,
+        mask: TokenMask | None = None,
+    ) -> SampleOutput:
         """Pick one token per row of `logits` (B, V) fp32; row b belongs to slot `slots[b]`.
 
-        `suppress[b]` bans the slot's suppress_ids (stop ids before min_tokens). Records the chosen
-        tokens in the penalty counts.
+        `suppress[b]` bans the slot's suppress_ids (stop ids before min_tokens). `mask` restricts some rows
+        to their grammar's tokens. Records the chosen tokens in the penalty counts.
         """
         params = [self.params[s] for s in slots]
         index = torch.tensor(list(slots), dtype=torch.long, device=logits.device)
         want_logprobs = [p.logprobs for p in params]
         logprobs = self._logprobs_of(logits, want_logprobs) if any(k is not None for k in want_logprobs) else None
 
-        x = self.processed_logits(logits, slots, suppress, params=params, index=index)
+        x = self.processed_logits(logits, slots, suppress, params=params, index=index, mask=mask)
         greedy = [p.greedy for p in params]
         if all(greedy):
             chosen = x.argmax(dim=-1)
@@ -190,6 +199,7 @@ class Sampler:
         *,
         params: list[SamplingParams] | None = None,
         index: torch.Tensor | None = None,
+        mask: TokenMask | None = None,
     ) -> torch.Tensor:
         """Logits after bias, penalties, temperature and filters (-inf = filtered out).
 
@@ -198,17 +208,29 @@ class Sampler:
         """
         params = params if params is not None else [self.params[s] for s in slots]
         index = index if index is not None else torch.tensor(list(slots), dtype=torch.long, device=logits.device)
-        x = self._penalised(logits, index, params, suppress)
+        x = self._penalised(logits, index, params, suppress, mask)
         return x if all(p.greedy for p in params) else self._filtered(x, index, params)
 
     def _penalised(
-        self, logits: torch.Tensor, index: torch.Tensor, params: list[SamplingParams], suppress: Sequence[bool] | None
+        self,
+        logits: torch.Tensor,
+        index: torch.Tensor,
+        params: list[SamplingParams],
+        suppress: Sequence[bool] | None,
+        mask: TokenMask | None = None,
     ) -> torch.Tensor:
         x = logits
         if any(p.logit_bias for p in params):
             x = x + self.bias[index]
+        banned = None
         if suppress is not None and any(suppress):
             banned = self.suppress_ids[index] & torch.tensor(list(suppress), device=x.device)[:, None]
+        if mask is not None:
+            if banned is not None:  # min_tokens yields where the grammar allows nothing but a stop
+                leaves_some = ((mask.bias == 0) & ~banned[mask.rows]).any(dim=-1)
+                banned[mask.rows[~leaves_some]] = False
+            x = x.index_add(0, mask.rows, mask.bias)  # -inf where the grammar says no (an add: no boolean select)
+        if banned is not None:
             x = x.masked_fill(banned, -math.inf)
         if any(p.repetition_penalty != 1.0 for p in params):
             seen = self.in_prompt[index] | (self.counts[index] > 0)

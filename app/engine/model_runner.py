@@ -15,6 +15,7 @@ import torch
 
 from app.engine.request import Request
 from app.engine.scheduler import PrefillChunk, StepPlan
+from model.grammar import BatchMasks, TokenMask
 from model.invariance import prefill_rows_independent
 from model.sampling import Sampler, TokenLogprob, prompt_logprobs
 
@@ -77,9 +78,11 @@ class ModelRunner:
         # thread that runs one keeps its own OpenMP pool, and with more pool threads than cores libgomp
         # stops spin-waiting (decode got ~1.7x slower).
         self.sampler: Sampler | None = None
+        self.masks: BatchMasks | None = None
 
     def start(self) -> None:
         self.sampler = Sampler(self.max_batch_size, self.model.vocab_size, self.device)
+        self.masks = BatchMasks(self.max_batch_size, self.model.vocab_size)
         warm_up = getattr(self.model, "warm_up", None)  # model/static_step.StaticStep: compile every batch bucket now
         if callable(warm_up):
             log.info("compiling the decode step for batch buckets %s", getattr(self.model, "buckets", "?"))
@@ -104,6 +107,12 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 - one bad request (e.g. a logit_bias id past validation) fails alone
                 result.failed.append((request, e))
                 failed.add(id(request))
+        # The rows sampled this step, known before the forward: their grammar masks are computed meanwhile.
+        to_sample = [
+            c.request for c in plan.prefill if c.last and c.request.params.max_tokens > 0 and id(c.request) not in failed
+        ] + plan.decode
+        assert self.masks is not None
+        self.masks.start([r.params.grammar for r in to_sample])
         for copy in plan.copies:
             self.model.copy_prefix(copy.source, copy.target, copy.length)  # type: ignore[attr-defined]
         rows: list[Request] = []
@@ -122,8 +131,10 @@ class ModelRunner:
         if plan.decode:
             rows += plan.decode
             logits.append(self._decode(plan.decode))
+        mask = self.masks.mask(self.device)
         if rows:
-            result.sampled = self._sample(rows, torch.cat(logits))
+            assert rows == to_sample, "the sampled rows differ from those whose masks were computed"
+            result.sampled = self._sample(rows, torch.cat(logits), mask)
         return result
 
     def _prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
@@ -157,10 +168,10 @@ class ModelRunner:
             request.cached(1)
         return logits
 
-    def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[Sampled]:
+    def _sample(self, rows: list[Request], logits: torch.Tensor, mask: TokenMask | None) -> list[Sampled]:
         assert self.sampler is not None
         suppress = [r.num_generated < r.params.min_tokens for r in rows]  # stop ids banned before min_tokens
-        out = self.sampler.sample(logits, [r.slot for r in rows], suppress)
+        out = self.sampler.sample(logits, [r.slot for r in rows], suppress, mask)
         return [Sampled(r, out.token_ids[i], out.logprobs[i] if out.logprobs is not None else None) for i, r in enumerate(rows)]
 
     def _slot_tensor(self, slots: Sequence[int]) -> torch.Tensor | None:

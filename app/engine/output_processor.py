@@ -1,9 +1,10 @@
 """Tokens -> what the client receives: text, stop decisions, finish reasons, text offsets.
 
-Stopping: the request's stop ids end it with "stop" once min_tokens tokens exist (before that the
-sampler bans them); the stop token counts as generated but is not rendered. Stop strings
-(app/stop.py) end it with "stop" and are never sent. max_tokens or a full slot end it with "length",
-a drain that runs out of time with "abort".
+Stopping: a request with a grammar ends with "stop" as soon as the grammar is complete (its mask
+then allows nothing but an end token, so that token need not be generated). The request's stop ids
+end it with "stop" once min_tokens tokens exist (before that the sampler bans them); the stop token
+counts as generated but is not rendered. Stop strings (app/stop.py) end it with "stop" and are never
+sent. max_tokens or a full slot end it with "length", a drain that runs out of time with "abort".
 Text is pushed through one detokenizer per request, so the text offsets that logprobs report are
 offsets into the very text sent.
 """
@@ -14,6 +15,10 @@ import time
 
 from app.engine.request import GenerationOutput, Request, RequestStatus
 from model.sampling import TokenLogprob
+
+
+class GrammarViolation(RuntimeError):
+    """A sampled token the request's grammar does not allow (fails that request only)."""
 
 
 class OutputProcessor:
@@ -30,6 +35,9 @@ class OutputProcessor:
             request.timings.first_token = now
         offset = request.text_length
         finish: str | None = None
+        grammar = params.grammar
+        if grammar is not None and not grammar.accept(token):  # the sampler's mask forbids this: a bug, fail loudly
+            raise GrammarViolation(f"token {token} is not allowed by the request's grammar")
         if token in request.stop_ids and request.num_generated > params.min_tokens:
             finish = "stop"
             text = self._flush(request)
@@ -37,6 +45,9 @@ class OutputProcessor:
             text = self._push(request, request.detokenizer.push(token))
             if request.matcher.matched is not None:
                 finish = "stop"
+            elif grammar is not None and grammar.is_stopped:
+                finish = "stop"
+                text += self._flush(request)
             elif request.num_generated >= params.max_tokens or len(request.tokens) >= self.max_seq_len:
                 finish = "length"
                 text += self._flush(request)

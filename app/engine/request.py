@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from app.quoting import excerpt
 from app.stop import StopMatcher
+from model.grammar import GrammarMatcher
 from model.sampling import SamplingParamError, SamplingParams, TokenLogprob, validate_sampling
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -69,6 +70,8 @@ class GenerationRequest:
     ignore_eos: bool = False
     min_tokens: int = 0
     prompt_logprobs: bool = False  # echo + logprobs: logprobs of the prompt tokens
+    # The output's grammar (structured outputs, tool calls); the engine advances it, so one per request.
+    grammar: GrammarMatcher | None = None
 
 
 @dataclass
