@@ -23,6 +23,7 @@ from app.protocol.responses import ModelCard, now
 from model.chat import default_system_prompt, detect_chat_format
 from model.checkpoint import CheckpointError, LoadedModel
 from model.fetch import ensure_default_model
+from model.grammar import GrammarCache
 from model.sampling import SamplingParams
 from model.threads import configure_threads
 from model.tokenizer import Tokenizer
@@ -108,6 +109,7 @@ class ServerState:
         self.default_system: str | None = None
         self.add_bos = False
         self.max_model_len = 0
+        self.grammars: GrammarCache | None = None  # compiled structured-output grammars
         self._stall_watch: tuple[float | None, float] | None = None  # (last step seen busy, since when)
 
     async def start(self) -> None:
@@ -157,6 +159,7 @@ class ServerState:
         self.add_bos = bool(explicit_bos) if explicit_bos is not None else self.chat_format in ("llama3", "llama2")
         self.add_bos = self.add_bos and tokenizer.bos_id is not None
         self.max_model_len = loaded.model.max_seq_len
+        self.grammars = GrammarCache(tokenizer, loaded.model.vocab_size)
 
     def model_card(self) -> ModelCard:
         """/v1/models' entry, with the numeric mode evaluation users need to know they are in."""

@@ -175,8 +175,8 @@ async def test_bad_messages_are_400_and_server_keeps_serving(messages: Any) -> N
     [
         {"top_logprobs": 2},  # without logprobs
         {"logprobs": True, "top_logprobs": 21},
-        {"response_format": {"type": "json_object"}},
-        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"response_format": {"type": "json_schema"}},  # no schema
+        {"tools": [{"type": "function"}]},  # no function
         {"max_completion_tokens": -1},
     ],
 )

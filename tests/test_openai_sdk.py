@@ -15,11 +15,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Annotated, Any, Iterator, Literal
 
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.support import REPO
 from tests.support.api import free_port, wait_healthy
@@ -53,7 +54,7 @@ def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--log-level",
         "warning",
         "--drain-timeout",
-        "2",
+        "10",  # the SIGTERM test's 30-token stream must finish inside it on a slow, busy CPU
     ]
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:  # a file, not a pipe: a full pipe would block the server
@@ -163,6 +164,89 @@ def test_stream_disconnect_frees_the_slot(client: openai.OpenAI, server: str) ->
     while "llamaserve_requests_running 0.0" not in httpx.get(f"{server}/metrics").text:
         assert time.monotonic() < deadline, "slot not freed after the client went away"
         time.sleep(0.05)
+
+
+class Person(BaseModel):
+    """Bounded strings and lists: every document closes within max_tokens, so each parse succeeds by construction."""
+
+    name: str = Field(max_length=30)
+    age: int = Field(ge=0, le=120)
+    hobbies: list[Annotated[str, Field(max_length=20)]] = Field(max_length=3)
+
+
+class Weather(BaseModel):
+    city: str = Field(max_length=20)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+SUBJECTS = ["a baker in Lyon", "a retired astronaut", "a violinist", "a chess champion", "a marine biologist", "a taxi driver"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_parse_returns_a_pydantic_object_for_every_prompt(client: openai.OpenAI, stream: bool) -> None:
+    for subject in SUBJECTS:
+        messages: Any = [{"role": "user", "content": f"Describe {subject}."}]
+        if stream:
+            with client.chat.completions.stream(model=MODEL, messages=messages, response_format=Person, max_tokens=200) as events:
+                completion = events.get_final_completion()
+        else:
+            completion = client.chat.completions.parse(model=MODEL, messages=messages, response_format=Person, max_tokens=200)
+        assert completion.choices[0].finish_reason == "stop"
+        assert isinstance(completion.choices[0].message.parsed, Person), completion
+
+
+def test_a_tool_round_trip_with_required_and_a_named_function(client: openai.OpenAI) -> None:
+    tools: Any = [openai.pydantic_function_tool(Weather, name="get_weather", description="Current weather in a city")]
+    messages: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.parse(
+            model=MODEL, messages=messages, tools=tools, tool_choice=choice, parallel_tool_calls=False, max_tokens=100
+        )
+        assert r.choices[0].finish_reason == "tool_calls"
+        [call] = r.choices[0].message.tool_calls or []
+        assert call.function.name == "get_weather" and isinstance(call.function.parsed_arguments, Weather)
+    answer = r.choices[0].message
+    history = [
+        *messages,
+        answer.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"},
+    ]
+    final = client.chat.completions.create(model=MODEL, messages=history, tools=tools, max_tokens=20)
+    assert final.choices[0].finish_reason in ("stop", "length") and final.usage is not None
+    assert r.usage is not None and final.usage.prompt_tokens > r.usage.prompt_tokens, "the call and its result are in the prompt"
+
+
+def test_the_stream_helper_assembles_streamed_tool_calls(client: openai.OpenAI) -> None:
+    tools: Any = [openai.pydantic_function_tool(Weather, name="get_weather")]
+    messages: Any = [{"role": "user", "content": "Weather in Oslo, please."}]
+    kwargs: Any = dict(model=MODEL, messages=messages, tools=tools, tool_choice="required", parallel_tool_calls=False)
+    with client.chat.completions.stream(max_tokens=100, **kwargs) as events:
+        done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+        completion = events.get_final_completion()
+    [call] = completion.choices[0].message.tool_calls or []
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert isinstance(call.function.parsed_arguments, Weather) and [d.name for d in done] == ["get_weather"]
+    whole = client.chat.completions.create(max_tokens=100, **kwargs, temperature=0)
+    streamed = client.chat.completions.create(max_tokens=100, stream=True, **kwargs, temperature=0)
+    arguments = "".join(
+        part.function.arguments or "" for chunk in streamed for part in chunk.choices[0].delta.tool_calls or [] if part.function
+    )
+    assert arguments == (whole.choices[0].message.tool_calls or [])[0].function.arguments
+
+
+def test_invalid_schemas_and_unknown_tools_are_400(client: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "hi"}]
+    bad_schema: Any = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}},
+    }
+    with pytest.raises(openai.BadRequestError, match="nope"):
+        client.chat.completions.create(model=MODEL, messages=messages, response_format=bad_schema)
+    tools: Any = [openai.pydantic_function_tool(Weather, name="get_weather")]
+    with pytest.raises(openai.BadRequestError, match="get_time"):
+        client.chat.completions.create(
+            model=MODEL, messages=messages, tools=tools, tool_choice={"type": "function", "function": {"name": "get_time"}}
+        )
 
 
 def test_sigterm_drains_running_requests_then_exits(server: str) -> None:

@@ -9,12 +9,14 @@ clients keep working.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 from app.engine.request import MIN_TOKENS_ABOVE_MAX
+from app.protocol.structured import ResponseFormat, StructuredError, StructuredOutputs, grammar_of
 from app.quoting import excerpt
+from model.tool_calls import Tool
 
 TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # a logit_bias key: ASCII digits only, well inside int range
 # OpenAI allows 4; vLLM has no limit, and lm-eval appends the EOS text to a task's own stop list.
@@ -74,6 +76,13 @@ class SamplingFields(_Request):
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: bool | None = False
     min_tokens: Annotated[int, Field(ge=0), INTEGRAL] | None = 0
+    # structured outputs (app/protocol/structured.py): OpenAI's response_format, then vLLM's names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
 
     @field_validator("stop")
     @classmethod
@@ -99,6 +108,10 @@ class SamplingFields(_Request):
     def _check_stream_options(self) -> "SamplingFields":
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options is only allowed when stream is true", "stream_options")
+        try:
+            grammar_of(self)  # the shape of the constraint; compiling it is the route's job (a worker thread)
+        except StructuredError as e:
+            raise FieldError(str(e), e.param) from None
         return self
 
     def token_bias(self) -> dict[int, float]:
@@ -153,10 +166,56 @@ class CompletionRequest(SamplingFields):
         return [p for p in prompt if isinstance(p, (str, list))]
 
 
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+class FunctionCallIn(_Request):
+    name: StrictStr
+    arguments: StrictStr = "{}"
+
+
+class ToolCallIn(_Request):
+    """An earlier assistant turn's tool call, as the client sends the history back."""
+
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class FunctionDefinition(_Request):
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not FUNCTION_NAME.fullmatch(value):
+            raise ValueError(f"function names are 1-64 letters, digits, underscores or dashes, got {excerpt(value)}")
+        return value
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: StrictStr
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(_Request):
     role: StrictStr
     content: StrictStr | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn that called tools
+    tool_call_id: StrictStr | None = None  # a tool result: the call it answers
 
     def text(self, index: int) -> str:
         """Content as one string; text parts are concatenated, anything else is an error."""
@@ -176,32 +235,31 @@ class ChatMessage(_Request):
         return "".join(texts)
 
 
-class ResponseFormat(_Request):
-    type: str = "text"
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None  # OpenAI, vLLM: >= 1 (0 is a legacy-completions thing)
     max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
 
     @model_validator(mode="after")
     def _check_chat(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise FieldError(f"response_format {self.response_format.type!r} is not supported (only 'text')", "response_format")
-        if self.tool_choice not in (None, "none", "auto"):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise FieldError("tools must have distinct function names", "tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            listed = ", ".join(names) or "none were given"
             raise FieldError(
-                "tool_choice 'required' or a named tool is not supported (this server makes no tool calls)", "tool_choice"
+                f"tool_choice names the function {excerpt(self.tool_choice.function.name)}, which is not in tools ({listed})",
+                "tool_choice",
             )
-        if self.tools and self.tool_choice != "none":  # with "none" the tools are only context; we ignore them
-            raise FieldError("tools are not supported by this server (send tool_choice 'none' to ignore them)", "tools")
+        if self.tool_choice == "required" and not names:
+            raise FieldError("tool_choice 'required' needs at least one tool in tools", "tool_choice")
         limit = self.requested_max_tokens()
         if limit is not None and (self.min_tokens or 0) > limit:
             raise FieldError(MIN_TOKENS_ABOVE_MAX, "min_tokens")
@@ -210,6 +268,24 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         """max_completion_tokens (new name) wins over max_tokens; None = up to the context limit."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def active_tools(self) -> list[Tool]:
+        """The tools the model may call: none with tool_choice "none" (they are then not even shown to it)."""
+        if self.tool_choice == "none":
+            return []
+        return [
+            Tool(t.function.name, t.function.description, t.function.parameters or {"type": "object", "properties": {}})
+            for t in self.tools or []
+        ]
+
+    def forced_tools(self) -> list[Tool] | None:
+        """The tools one of which must be called (tool_choice "required" or a named function), else None."""
+        tools = self.active_tools()
+        if self.tool_choice == "required":
+            return tools
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in tools if t.name == self.tool_choice.function.name]
+        return None
 
 
 class TokenizeRequest(_Request):

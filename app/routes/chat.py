@@ -1,4 +1,9 @@
-"""POST /v1/chat/completions: messages rendered with the model's chat format, n choices, JSON or SSE."""
+"""POST /v1/chat/completions: messages rendered with the model's chat format, n choices, JSON or SSE.
+
+With tools, the tool list is written into the prompt and each choice's text goes through a
+ToolCallParser (model/tool_calls.py) into content and `tool_calls`; tool_choice "required" or a named
+function constrains the output with a grammar of calls, so its arguments always parse.
+"""
 
 from __future__ import annotations
 
@@ -20,14 +25,26 @@ from app.protocol.responses import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    FunctionCall,
+    ToolCallOut,
     now,
 )
+from app.protocol.structured import StructuredError, grammar_of
 from app.routes.choices import Choice, usage_of, wire_finish_reason
-from app.routes.generation import off_the_loop, read_generation_request, sampling_params, submit_choices
+from app.routes.generation import (
+    off_the_loop,
+    output_grammar,
+    per_choice,
+    read_generation_request,
+    sampling_params,
+    submit_choices,
+)
 from app.routes.openapi_docs import generation_responses, request_body
 from app.streaming import CLIENT_CLOSED_REQUEST, SSEResponse, abort_all, collect, sse, sse_stream
 from model.chat import ChatFormatError, end_of_turn_ids, render_chat
 from model.checkpoint import LoadedModel
+from model.grammar import GrammarSpec
+from model.tool_calls import ParsedEvent, ToolCall, ToolCallParser, forced_call_grammar, prepare_messages, tool_style
 
 router = APIRouter()
 
@@ -47,6 +64,7 @@ async def chat_completions(request: Request) -> Response:
         max_tokens = max(state.max_model_len - len(prompt_ids), 1)
     end_of_turn = [] if body.ignore_eos else sorted(end_of_turn_ids(state.chat_format, tokenizer))
     top = (body.top_logprobs or 0) if body.logprobs else None
+    grammar = await output_grammar(body, state, tool_grammar(body, state))
     requests = [
         (
             0,
@@ -58,6 +76,7 @@ async def chat_completions(request: Request) -> Response:
                 stop_token_ids=list(body.stop_token_ids or []) + end_of_turn,
                 ignore_eos=bool(body.ignore_eos),
                 min_tokens=body.min_tokens or 0,
+                grammar=per_choice(grammar, i),
             ),
         )
         for i in range(body.n or 1)
@@ -75,10 +94,52 @@ async def chat_completions(request: Request) -> Response:
 
 def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, state: ServerState) -> list[int]:
     try:
-        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
-        return render_chat(messages, loaded.tokenizer, state.chat_format, default_system=state.default_system)
+        messages: list[dict[str, Any]] = []
+        for i, m in enumerate(body.messages):
+            message: dict[str, Any] = {"role": m.role, "content": m.text(i)}
+            if m.tool_calls:
+                message["tool_calls"] = [{"name": c.function.name, "arguments": c.function.arguments} for c in m.tool_calls]
+            messages.append(message)
+        style = tool_style(state.chat_format)
+        messages, default_system = prepare_messages(messages, body.active_tools(), style, state.default_system)
+        return render_chat(messages, loaded.tokenizer, state.chat_format, default_system=default_system)
     except (ChatFormatError, ValueError) as e:
         raise bad_request(str(e), param="messages") from e
+
+
+def tool_grammar(body: ChatCompletionRequest, state: ServerState) -> tuple[GrammarSpec, str] | None:
+    """The grammar of a forced call (tool_choice "required" or a named function), or None; a request may
+    not also ask for a response_format then."""
+    forced = body.forced_tools()
+    if forced is None:
+        return None
+    try:
+        other = grammar_of(body)
+    except StructuredError as e:
+        raise bad_request(str(e), param=e.param) from e
+    if other is not None:
+        raise bad_request(
+            f"tool_choice {'required' if body.tool_choice == 'required' else 'naming a function'} already constrains "
+            f"the output; it cannot be combined with {other[1]}",
+            param="tool_choice",
+        )
+    lark = forced_call_grammar(forced, tool_style(state.chat_format), parallel=body.parallel_tool_calls is not False)
+    return GrammarSpec("grammar", lark), "tools"
+
+
+def tool_parser(body: ChatCompletionRequest, state: ServerState) -> ToolCallParser | None:
+    tools = body.active_tools()
+    return ToolCallParser(tools, tool_style(state.chat_format)) if tools else None
+
+
+def finish_reason_of(reason: str | None, calls: list[ToolCall]) -> str:
+    """ "tool_calls" when the model ended by calling tools; otherwise as without tools."""
+    wire = wire_finish_reason(reason)
+    return "tool_calls" if calls and wire == "stop" else wire
+
+
+def tool_call_out(call: ToolCall) -> ToolCallOut:
+    return ToolCallOut(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
 def chat_response(
@@ -88,10 +149,17 @@ def chat_response(
     out = []
     for c in choices:
         logprobs = ChatLogprobs(content=chat_logprobs(tokenizer, c.logprobs, body.top_logprobs or 0)) if body.logprobs else None
-        message = AssistantMessage(content="".join(c.text))
-        out.append(
-            ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=wire_finish_reason(c.finish_reason))
+        text, calls = "".join(c.text), []
+        parser = tool_parser(body, state)
+        if parser is not None:
+            events = parser.feed(text) + parser.finish()
+            calls = parser.calls
+            text = "".join(e.content for e in events)
+        message = AssistantMessage(
+            content=(text.strip() or None) if calls else text, tool_calls=[tool_call_out(t) for t in calls] or None
         )
+        finish = finish_reason_of(c.finish_reason, calls)
+        out.append(ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=finish))
     response = ChatCompletionResponse(id=rid, created=created, model=state.model_name, choices=out, usage=usage_of(choices))
     return response.model_dump()
 
@@ -103,6 +171,7 @@ class ChatStream:
         self.choices, self.body, self.state, self.rid, self.created = choices, body, state, rid, created
         self.tokenizer = state.tokenizer
         self.include_usage = body.include_usage()
+        self.parsers = {c.index: tool_parser(body, state) for c in choices}
 
     def start(self) -> list[str]:
         return [self._event(c.index, ChatDelta(role="assistant", content="")) for c in self.choices]
@@ -111,10 +180,40 @@ class ChatStream:
         events, logprobs = [], None
         if self.body.logprobs and out.logprobs:
             logprobs = ChatLogprobs(content=chat_logprobs(self.tokenizer, out.logprobs, self.body.top_logprobs or 0))
-        if out.text or logprobs is not None:
-            events.append(self._event(c.index, ChatDelta(content=out.text), logprobs))
+        parser = self.parsers[c.index]
+        if parser is None:
+            if out.text or logprobs is not None:
+                events.append(self._event(c.index, ChatDelta(content=out.text), logprobs))
+        else:
+            parsed = parser.feed(out.text) + (parser.finish() if out.finish_reason is not None else [])
+            events += self._parsed(c.index, parsed, logprobs, len(parser.calls) - sum(e.call is not None for e in parsed))
         if out.finish_reason is not None:
-            events.append(self._event(c.index, ChatDelta(), finish=out.finish_reason))
+            finish = finish_reason_of(out.finish_reason, parser.calls if parser is not None else [])
+            events.append(self._event(c.index, ChatDelta(), finish=finish))
+        return events
+
+    def _parsed(self, index: int, parsed: list[ParsedEvent], logprobs: ChatLogprobs | None, first_call: int) -> list[str]:
+        """Content deltas, and per tool call a delta with its id and name then one with its arguments.
+        This step's logprobs ride on the first delta (an empty content delta if the text is held back)."""
+        events = []
+        call_index = first_call
+        for item in parsed:
+            if item.call is None:
+                events.append(self._event(index, ChatDelta(content=item.content), logprobs))
+            else:
+                head = {
+                    "index": call_index,
+                    "id": item.call.id,
+                    "type": "function",
+                    "function": {"name": item.call.name, "arguments": ""},
+                }
+                events.append(self._event(index, ChatDelta(tool_calls=[head]), logprobs))
+                arguments = {"index": call_index, "function": {"arguments": item.call.arguments}}
+                events.append(self._event(index, ChatDelta(tool_calls=[arguments])))
+                call_index += 1
+            logprobs = None
+        if logprobs is not None:
+            events.append(self._event(index, ChatDelta(content=""), logprobs))
         return events
 
     def end(self) -> list[str]:

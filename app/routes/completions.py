@@ -15,7 +15,14 @@ from app.protocol.requests import CompletionRequest
 from app.protocol.responses import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, now
 from app.protocol.token_text import spelled_out
 from app.routes.choices import Choice, usage_of, wire_finish_reason
-from app.routes.generation import off_the_loop, read_generation_request, sampling_params, submit_choices
+from app.routes.generation import (
+    off_the_loop,
+    output_grammar,
+    per_choice,
+    read_generation_request,
+    sampling_params,
+    submit_choices,
+)
 from app.routes.openapi_docs import generation_responses, request_body
 from app.streaming import CLIENT_CLOSED_REQUEST, SSEResponse, abort_all, collect, sse, sse_stream
 from model.tokenizer import Tokenizer
@@ -33,6 +40,7 @@ async def completions(request: Request) -> Response:
     body, state, engine, loaded = await read_generation_request(request, CompletionRequest)
     tokenizer = loaded.tokenizer
     prompts = await off_the_loop(encode_prompts, body, tokenizer, state.add_bos)
+    grammar = await output_grammar(body, state)
     requests = [
         (
             p,
@@ -45,6 +53,7 @@ async def completions(request: Request) -> Response:
                 ignore_eos=bool(body.ignore_eos),
                 min_tokens=body.min_tokens or 0,
                 prompt_logprobs=bool(body.echo) and body.logprobs is not None,
+                grammar=per_choice(grammar, p * (body.n or 1) + i),
             ),
         )
         for p, ids in enumerate(prompts)

@@ -14,9 +14,11 @@ from app.engine.handle import OutputQueue
 from app.errors import bad_request, from_engine_error
 from app.lifecycle import ServerState
 from app.protocol.requests import SamplingFields
+from app.protocol.structured import StructuredError, grammar_of
 from app.routes.body import read_body
 from app.routes.choices import Choice, outcome
 from model.checkpoint import LoadedModel
+from model.grammar import GrammarError, GrammarMatcher, GrammarSpec
 from model.sampling import SamplingParams
 
 log = logging.getLogger("llamaserve")
@@ -44,6 +46,34 @@ async def read_generation_request(
     engine = state.require_engine()
     state.check_model(body.model)
     return body, state, engine, state.require_loaded()
+
+
+async def output_grammar(
+    body: SamplingFields, state: ServerState, spec: tuple[GrammarSpec, str] | None = None
+) -> GrammarMatcher | None:
+    """The compiled grammar the request's output must follow (structured outputs), or None.
+
+    `spec` (a grammar and the field that asked for it) overrides the body's own fields: chat's tool
+    calls pass theirs. Compiling runs in a worker thread (a big schema takes up to a second), so neither
+    the event loop nor the engine waits; a bad grammar is a 400 that names the field.
+    """
+    try:
+        found = spec or grammar_of(body)
+    except StructuredError as e:
+        raise bad_request(str(e), param=e.param) from e
+    if found is None:
+        return None
+    grammar, field = found
+    assert state.grammars is not None, "the model is loaded"
+    try:
+        return await off_the_loop(state.grammars.matcher, grammar)
+    except GrammarError as e:
+        raise bad_request(f"{field}: {e}", param=field.split(".")[0]) from e
+
+
+def per_choice(grammar: GrammarMatcher | None, choice: int) -> GrammarMatcher | None:
+    """Each choice advances its own grammar state."""
+    return None if grammar is None else grammar if choice == 0 else grammar.copy()
 
 
 def sampling_params(body: SamplingFields, *, logprobs: int | None, choice: int, vocab_size: int) -> SamplingParams:
