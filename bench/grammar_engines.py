@@ -7,7 +7,12 @@ token per step as decoding does. It also times grammar compilation (the cost a r
 first token) and checks that each engine's masks admit every token of the document (a mask that
 refused one would be a correctness bug).
 
-    python bench/grammar_engines.py            # engines that are installed (xgrammar is optional)
+    python -m bench.grammar_engines            # engines that are installed (xgrammar is optional)
+    python -m bench.grammar_engines --engine   # also: whole engine steps, constrained vs not, batch 1/8/32
+
+`--engine` runs the default model in the engine (no HTTP) on B requests of 64 tokens each, every row
+constrained by a regex of lowercase text (it never ends early) against the same requests unconstrained,
+alternating, 3 repeats: the cost of constrained decoding per step, masks, bias and matcher updates included.
 
 llguidance is the project's dependency; xgrammar is measured only when installed (`pip install
 --no-deps xgrammar apache-tvm-ffi`: its wheel otherwise pulls transformers and triton).
@@ -129,12 +134,65 @@ def run_xgrammar(tokenizer: Tokenizer, text: str, batch: int, schema: dict[str, 
     return compile_ms, median_ms(steps), ok
 
 
+def engine_step_cost(batches: list[int], output_tokens: int = 64, repeats: int = 3) -> None:
+    """Median ms per engine step for B rows, unconstrained vs constrained, and their ratio."""
+    import asyncio
+
+    from app.engine import Engine, GenerationRequest
+    from bench.engine_throughput import in_thread
+    from model.checkpoint import load_model
+    from model.grammar import GrammarMatcher, GrammarSpec
+    from model.sampling import SamplingParams
+
+    loaded = in_thread(
+        lambda: load_model(default_model_path(), max_batch_size=max(batches), max_seq_len=256, quantization="auto")
+    )
+    spec = GrammarSpec("regex", "[a-z ]{1000}")  # longer than any run: every step is constrained
+    vocab = loaded.model.vocab_size
+
+    async def run(engine: Engine, rows: int, constrained: bool) -> float:
+        prompt = loaded.tokenizer.encode("Write a long story about the sea.")
+        start = time.perf_counter()
+        handles = [
+            engine.submit(
+                GenerationRequest(
+                    prompt,
+                    SamplingParams(temperature=0.8, seed=i),
+                    max_tokens=output_tokens,
+                    ignore_eos=True,
+                    grammar=GrammarMatcher(spec, loaded.tokenizer, vocab) if constrained else None,
+                )
+            )
+            for i in range(rows)
+        ]
+        for handle in handles:
+            async for _ in handle:
+                pass
+        return 1000 * (time.perf_counter() - start) / output_tokens
+
+    print(f"\nengine steps ({loaded.quantization}, {output_tokens} tokens per request, median of {repeats})")
+    print(f"{'batch':>5} {'plain ms/step':>14} {'constrained ms/step':>20} {'ratio':>6}")
+    for rows in batches:
+        engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=rows, max_seq_len=256, prefix_cache=False)
+        engine.start()
+        try:
+            asyncio.run(run(engine, rows, True))  # warm-up (first grammar, first shapes)
+            plain, constrained = [], []
+            for _ in range(repeats):
+                plain.append(asyncio.run(run(engine, rows, False)))
+                constrained.append(asyncio.run(run(engine, rows, True)))
+        finally:
+            engine.shutdown()
+        p, c = statistics.median(plain), statistics.median(constrained)
+        print(f"{rows:>5} {p:>14.1f} {c:>20.1f} {c / p:>6.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="GGUF whose vocabulary to use (default: the default model)")
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--engine", action="store_true", help="also time whole engine steps, constrained vs not")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     tokenizer = load_tokenizer(args.model)
     compact = json.dumps(DOCUMENT, separators=(", ", ": "))
     engines: dict[str, Callable[..., tuple[float, float, bool]]] = {"llguidance": run_llguidance}
@@ -149,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             for batch in (int(b) for b in args.batches.split(",")):
                 compile_ms, step_ms, ok = run(tokenizer, compact, batch, schema)
                 print(f"{name:<11} {label:<11} {batch:>5} {compile_ms:>15.2f} {step_ms:>13.3f} {step_ms / batch:>8.3f} {ok}")
+    if args.engine:
+        from model.threads import configure_threads
+
+        configure_threads(2)
+        engine_step_cost([int(b) for b in args.batches.split(",")])
     return 0
 
 

@@ -74,6 +74,7 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.max_batch_size = max_batch_size
+        self.vocab_size = model.vocab_size  # read once: tests swap the forward for a plain function
         # Built by start() on the engine thread, the only thread that runs parallel torch ops: every live
         # thread that runs one keeps its own OpenMP pool, and with more pool threads than cores libgomp
         # stops spin-waiting (decode got ~1.7x slower).
@@ -81,8 +82,8 @@ class ModelRunner:
         self.masks: BatchMasks | None = None
 
     def start(self) -> None:
-        self.sampler = Sampler(self.max_batch_size, self.model.vocab_size, self.device)
-        self.masks = BatchMasks(self.max_batch_size, self.model.vocab_size)
+        self.sampler = Sampler(self.max_batch_size, self.vocab_size, self.device)
+        self.masks = BatchMasks(self.max_batch_size, self.vocab_size)
         warm_up = getattr(self.model, "warm_up", None)  # model/static_step.StaticStep: compile every batch bucket now
         if callable(warm_up):
             log.info("compiling the decode step for batch buckets %s", getattr(self.model, "buckets", "?"))
