@@ -27,8 +27,6 @@ import statistics
 import time
 from typing import Any, Callable
 
-import torch
-
 from model.fetch import default_model_path
 from model.tokenizer import Tokenizer
 
