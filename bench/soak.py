@@ -27,11 +27,13 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-async def one_request(client: httpx.AsyncClient, model: str, rng: random.Random, disconnect_share: float) -> dict[str, Any]:
-    """One streamed completion of a random prompt length; with probability disconnect_share the client
-    leaves after a few events."""
-    words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "river", "stone"]) for _ in range(rng.randint(4, 200)))
-    body = {"model": model, "prompt": words, "max_tokens": rng.randint(4, 48), "stream": True, "temperature": 0.8}
+async def one_request(
+    client: httpx.AsyncClient, model: str, rng: random.Random, disconnect_share: float, max_words: int, max_tokens: int
+) -> dict[str, Any]:
+    """One streamed completion of a random prompt length (4 to max_words words) and length (4 to
+    max_tokens tokens); with probability disconnect_share the client leaves after a few events."""
+    words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "river", "stone"]) for _ in range(rng.randint(4, max_words)))
+    body = {"model": model, "prompt": words, "max_tokens": rng.randint(4, max_tokens), "stream": True, "temperature": 0.8}
     leave_after = rng.randint(1, 4) if rng.random() < disconnect_share else None
     events = 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -45,7 +47,9 @@ async def one_request(client: httpx.AsyncClient, model: str, rng: random.Random,
     return {"status": 200, "left": False}
 
 
-async def soak(url: str, requests: int, concurrency: int, disconnect_share: float, seed: int) -> list[dict[str, Any]]:
+async def soak(
+    url: str, requests: int, concurrency: int, disconnect_share: float, seed: int, max_words: int = 200, max_tokens: int = 48
+) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
@@ -53,7 +57,7 @@ async def soak(url: str, requests: int, concurrency: int, disconnect_share: floa
 
         async def limited() -> dict[str, Any]:
             async with gate:
-                return await one_request(client, model, rng, disconnect_share)
+                return await one_request(client, model, rng, disconnect_share, max_words, max_tokens)
 
         return await asyncio.gather(*(limited() for _ in range(requests)))
 
@@ -79,13 +83,15 @@ def run(
     idle_s: float,
     seed: int,
     warmup_requests: int | None = None,
+    max_words: int = 200,
+    max_tokens: int = 48,
 ) -> dict[str, Any]:
     """Warm-up round (default: a quarter of the requests), then the soak; RSS at each point, in MiB."""
     warmup = max(requests // 4, concurrency) if warmup_requests is None else warmup_requests
-    warm = asyncio.run(soak(url, warmup, concurrency, disconnect_share, seed))
+    warm = asyncio.run(soak(url, warmup, concurrency, disconnect_share, seed, max_words, max_tokens))
     asyncio.run(wait_idle(url))
     after_warmup = rss_mib(pid)
-    results = asyncio.run(soak(url, requests, concurrency, disconnect_share, seed + 1))
+    results = asyncio.run(soak(url, requests, concurrency, disconnect_share, seed + 1, max_words, max_tokens))
     asyncio.run(wait_idle(url))
     after_soak = rss_mib(pid)
     time.sleep(idle_s)
@@ -113,9 +119,20 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup-requests", type=int, default=None, help="default: a quarter of --requests")
+    parser.add_argument("--max-words", type=int, default=200, help="longest prompt, in words (4 to this many)")
+    parser.add_argument("--max-tokens", type=int, default=48, help="longest completion, in tokens (4 to this many)")
     args = parser.parse_args()
     report = run(
-        args.url, args.pid, args.requests, args.concurrency, args.disconnect_share, args.idle_s, args.seed, args.warmup_requests
+        args.url,
+        args.pid,
+        args.requests,
+        args.concurrency,
+        args.disconnect_share,
+        args.idle_s,
+        args.seed,
+        args.warmup_requests,
+        args.max_words,
+        args.max_tokens,
     )
     print(json.dumps(report, indent=2))
 

@@ -72,8 +72,10 @@ def test_sigterm_with_a_stuck_client_still_exits_within_drain_plus_grace(smollm2
     streams must still end with [DONE] (here: cut by the drain, so an error event first)."""
     port, drain = free_port(), 1.0
     env = {**os.environ, "PYTHONPATH": str(REPO), "LLAMASERVE_THREADS": os.environ.get("LLAMASERVE_TEST_THREADS", "2")}
+    # Eager and no warm-up: shutdown is under test here, the compiled default is in tests/test_soak.py.
     command = [sys.executable, "-m", "app", "--model", str(smollm2_path), "--port", str(port), "--max-batch-size", "2",
-               "--max-seq-len", "1024", "--drain-timeout", str(drain), "--log-level", "warning"]  # fmt: skip
+               "--max-seq-len", "1024", "--drain-timeout", str(drain), "--log-level", "warning",
+               "--no-compile", "--no-warmup"]  # fmt: skip
     with open(tmp_path / "server.log", "w") as log:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

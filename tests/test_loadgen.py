@@ -269,7 +269,7 @@ def test_our_server_honours_lengths_under_load(serve) -> None:  # type: ignore[n
 
     model = tiny_model(max_batch_size=2, max_seq_len=128)
     loaded = LoadedModel(model=model, tokenizer=ByteTokenizer(), args=model.args, name="tiny", chat_template=None)
-    app = create_app(Settings(max_batch_size=2, max_seq_len=128, warmup=False, log_level="warning"), loaded)
+    app = create_app(Settings(max_batch_size=2, max_seq_len=128, warmup=False, compile=False, log_level="warning"), loaded)
     url = serve(SimpleNamespace(app=app))
     deadline = time.monotonic() + 20  # the engine starts in the background after uvicorn is up
     while httpx.get(url + "/v1/models").status_code != 200 and time.monotonic() < deadline:

@@ -53,6 +53,7 @@ def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         API_KEY,
         "--log-level",
         "warning",
+        "--no-compile",  # the API is under test; the compiled default server is tests/test_soak.py's (saves a cold compile)
         "--drain-timeout",
         "10",  # the SIGTERM test's 30-token stream must finish inside it on a slow, busy CPU
     ]

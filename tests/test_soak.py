@@ -1,9 +1,11 @@
 """A bounded soak of the real server (issue 12, item 3): memory stays flat, nothing 5xx, no slot leaks.
 
-Streamed completions of random prompt lengths, a fifth of the clients leaving mid-stream, on the
+Streamed completions of random prompt lengths, a quarter of the clients leaving mid-stream, on the
 default model with the default (compiled, static-shape) decode step. Resident memory is read after a
 warm-up round and after the soak plus an idle spell (when the engine trims the heap: model/memory.py).
-A request that left a few hundred KiB behind would cross the bound. bench/soak.py is the long form.
+A request that left a few hundred KiB behind would cross the bound. A leak is per request, not per token, so
+the suite sends many short requests (about 40 s); bench/soak.py is the long form (400 requests,
+prompts up to 200 words, up to 48 tokens).
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ def test_soak_keeps_memory_flat_with_no_5xx_and_no_leaked_slot(smollm2_path: Pat
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, tmp_path / "server.log", timeout=300)  # a cold compile cache takes a minute or so
-        report = soak(url, proc.pid, requests=160, concurrency=8, disconnect_share=0.2, idle_s=2.0, seed=0, warmup_requests=64)
+        report = soak(
+            url, proc.pid, requests=96, concurrency=8, disconnect_share=0.25, idle_s=2.0, seed=0, warmup_requests=32,
+            max_words=60, max_tokens=16,
+        )  # fmt: skip
         metrics = httpx.get(f"{url}/metrics").text
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     assert report["status_5xx"] == 0 and report["status_other"] == [], report
-    assert report["disconnected"] > 20, report  # the disconnect path was exercised
+    assert report["disconnected"] > 12, report  # the disconnect path was exercised
     assert "llamaserve_requests_running 0.0" in metrics and "llamaserve_slot_usage_ratio 0.0" in metrics
     assert report["growth_after_warmup"] < MAX_GROWTH, report
