@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port")
     api_key: str | None = Field(
-        None, description="require `Authorization: Bearer <key>` (not on /health, /metrics, /docs, /openapi.json)"
+        None,
+        description="require `Authorization: Bearer <key>` (not on /health, /metrics, /docs, /openapi.json, "
+        "nor the playground's page, which asks for the key)",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated allowed CORS origins")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted (else 413)")
@@ -71,6 +73,9 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(30.0, ge=0, description="seconds to let running requests finish on shutdown")
     keepalive_s: float = Field(10.0, gt=0, description="seconds between SSE keep-alive comments while a stream waits")
     warmup: bool = Field(True, description="run a short generation before reporting ready")
+    playground: bool = Field(
+        True, description="serve the web playground and its live engine panel at / (GET /engine/snapshot feeds it)"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
 
     @field_validator("cors_origins", mode="before")

@@ -22,7 +22,7 @@ from app.config import Settings
 from app.errors import install_error_handlers
 from app.lifecycle import ServerState
 from app.middleware import REQUEST_ID_HEADER, APIKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from app.routes import chat, completions, info
+from app.routes import chat, completions, info, playground
 from app.routes.openapi_docs import install_schemas
 from model.checkpoint import LoadedModel
 
@@ -66,5 +66,8 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     app.add_middleware(RequestIdMiddleware)
     for module in (info, completions, chat):
         app.include_router(module.router)
+    app.include_router(playground.engine_router)  # the snapshot is useful without the page (scripts, dashboards)
+    if settings.playground:
+        app.include_router(playground.router)
     install_schemas(app)
     return app

@@ -51,6 +51,7 @@ from app.engine.request import (
     stop_ids_of,
 )
 from app.engine.scheduler import Scheduler, StepPlan
+from app.engine.telemetry import EngineTelemetry
 from app.stop import StopMatcher
 from model.memory import trim_free_memory
 from model.sampling import Sampler
@@ -123,6 +124,7 @@ class Engine:
         self._last_step_duration = 0.0
         self._last_step_time: float | None = None
         self.step_batch_sizes: list[int] = []  # running count per step, kept short (tests/diagnostics)
+        self.telemetry = EngineTelemetry()  # the last minute of steps, for the playground's engine panel
 
     @property
     def model(self) -> CausalLM:
@@ -232,12 +234,15 @@ class Engine:
         for entry in slots:
             request = running.get(entry["slot"])
             entry["request"] = None
+            entry["state"] = "free" if request is None else request.status.value  # prefilling or decoding
             if request is not None:
                 entry["request"] = {
                     "id": request.request_id,
                     "status": request.status.value,
                     "prompt_tokens": request.num_prompt,
                     "cached_prompt_tokens": request.num_cached_prompt,
+                    "generated_tokens": request.num_generated,
+                    "max_tokens": request.params.max_tokens,
                     "tokens_in_cache": request.num_cached,
                 }
         cache = self.prefix_cache
@@ -265,13 +270,16 @@ class Engine:
         with self._cond:
             end_all, self._end_all = self._end_all, False
         plan = self.scheduler.schedule(end_all)
-        self.step_batch_sizes.append(len(self.scheduler.running))
+        rows = len(self.scheduler.running)
+        self.step_batch_sizes.append(rows)
         del self.step_batch_sizes[:-1000]
         result = self.runner.run(plan) if plan.admitted or plan.runs_model else StepResult()
         self._postprocess(plan, result)
         self._steps += 1
         self._last_step_time = time.monotonic()
         self._last_step_duration = self._last_step_time - start
+        prefilled = sum(chunk.length for chunk in plan.prefill)
+        self.telemetry.record_step(self._last_step_time, self._last_step_duration, len(result.sampled), prefilled, rows)
 
     def _postprocess(self, plan: StepPlan, result: StepResult) -> None:
         """Send every request what this step produced; finished and failed requests give back their slots."""
@@ -289,12 +297,17 @@ class Engine:
         self._prompt_tokens_total += sum(chunk.length for chunk in plan.prefill)
         for sampled in result.sampled:
             request = sampled.request
+            first = request.timings.first_token is None
             try:
                 output = self.output_processor.accept(request, sampled.token_id, sampled.logprob)
             except Exception as e:  # noqa: BLE001 - a failure in one request's output fails that request only
                 self._fail(request, e)
                 continue
             self._generated_tokens_total += 1
+            if first and request.timings.first_token is not None:
+                self.telemetry.record_first_token(
+                    request.timings.first_token, request.timings.first_token - request.timings.arrival
+                )
             if output.finish_reason is not None:
                 self.scheduler.release(request)
             request.handle.put(output)
