@@ -99,20 +99,22 @@ async def test_the_snapshot_shows_a_slot_busy_while_a_request_runs_then_free_and
 
 def test_telemetry_buckets_the_last_minute_and_forgets_what_is_older() -> None:
     telemetry = EngineTelemetry(window_s=60)
-    now = 1000.0
-    telemetry.record_step(now - 90, 0.5, 7, 0, 1)  # older than the window
-    telemetry.record_step(now - 30.5, 0.010, 4, 100, 4)
-    telemetry.record_step(now - 30.2, 0.030, 4, 0, 4)
-    telemetry.record_step(now - 0.1, 0.020, 2, 0, 2)
+    now = 1000.5  # the window is seconds 941..1000, the current one last
+    telemetry.record_step(now - 90, 0.5, 7, 0)  # older than the window
+    telemetry.record_step(now - 30.8, 0.010, 4, 100)  # second 969
+    telemetry.record_step(now - 30.55, 0.030, 4, 0)  # second 969
+    telemetry.record_step(now - 0.1, 0.020, 2, 0)  # second 1000
     for ttft in (0.02, 0.3, 0.3, 20.0):
         telemetry.record_first_token(now - 1, ttft)
     telemetry.record_first_token(now - 61, 0.01)  # older than the window
     summary = telemetry.summary(now)
     series = summary["per_second"]
     assert len(series) == 60 and summary["steps"] == 3
-    assert series[29] == {"generated_tok_s": 8, "prefill_tok_s": 100, "steps": 2, "step_ms": 20.0}
+    assert series[28] == {"generated_tok_s": 8, "prefill_tok_s": 100, "steps": 2, "step_ms": 20.0}
     assert series[-1]["generated_tok_s"] == 2 and sum(s["steps"] for s in series) == 3
     assert summary["generated_tok_s"] == pytest.approx(10 / 60, abs=0.01) and summary["step_ms_mean"] == 20.0
+    assert telemetry.summary(now + 45)["per_second"][-46]["generated_tok_s"] == 2  # the window moves on
+    assert telemetry.summary(now + 60)["steps"] == 0
     ttft = summary["ttft"]
     assert ttft["count"] == 4 and ttft["p50_s"] == 0.3 and ttft["bounds_s"] == list(TTFT_BOUNDS_S)
     assert ttft["counts"] == [1, 0, 0, 2, 0, 0, 0, 0, 1]  # <= 0.05, <= 0.5 twice, slower than 10 s

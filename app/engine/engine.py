@@ -270,8 +270,7 @@ class Engine:
         with self._cond:
             end_all, self._end_all = self._end_all, False
         plan = self.scheduler.schedule(end_all)
-        rows = len(self.scheduler.running)
-        self.step_batch_sizes.append(rows)
+        self.step_batch_sizes.append(len(self.scheduler.running))
         del self.step_batch_sizes[:-1000]
         result = self.runner.run(plan) if plan.admitted or plan.runs_model else StepResult()
         self._postprocess(plan, result)
@@ -279,7 +278,7 @@ class Engine:
         self._last_step_time = time.monotonic()
         self._last_step_duration = self._last_step_time - start
         prefilled = sum(chunk.length for chunk in plan.prefill)
-        self.telemetry.record_step(self._last_step_time, self._last_step_duration, len(result.sampled), prefilled, rows)
+        self.telemetry.record_step(self._last_step_time, self._last_step_duration, len(result.sampled), prefilled)
 
     def _postprocess(self, plan: StepPlan, result: StepResult) -> None:
         """Send every request what this step produced; finished and failed requests give back their slots."""

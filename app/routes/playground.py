@@ -33,6 +33,8 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",  # a restarted server may ship a new page
 }
+# Pages poll twice a second; however many are open, the engine is asked at most five times a second.
+SNAPSHOT_MAX_AGE_S = 0.2
 ASSETS = {"playground.js": "text/javascript; charset=utf-8", "playground.css": "text/css; charset=utf-8"}
 
 
@@ -59,7 +61,12 @@ async def engine_snapshot(request: Request) -> dict[str, Any]:
     slot keeps), the queue, and the last minute: tok/s and step time per second, a TTFT histogram."""
     state = server_state(request)
     engine = state.require_engine()
-    return {"model": state.model_name, "phase": state.phase, **snapshot_of(engine)}
+    now = time.monotonic()
+    built, snapshot = getattr(request.app.state, "engine_snapshot", (0.0, None))
+    if snapshot is None or now - built > SNAPSHOT_MAX_AGE_S:
+        snapshot = snapshot_of(engine)
+        request.app.state.engine_snapshot = (now, snapshot)
+    return {"model": state.model_name, "phase": state.phase, **snapshot}
 
 
 def snapshot_of(engine: Engine) -> dict[str, Any]:
