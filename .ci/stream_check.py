@@ -1,4 +1,5 @@
-"""One real streamed completion against a running llamaserve: proves the container serves SSE end to end.
+"""One real streamed completion against a running llamaserve: proves the container serves SSE end to end,
+and that the playground's page and assets shipped in the package (GET / with its Content Security Policy).
 
 Standard library only, so it runs with any python3 on the CI host. Exit status 0 only when the body
 is a sequence of `data: <json>` events with non-empty text, one finish_reason, ending in `data: [DONE]`.
@@ -47,6 +48,18 @@ def check_sse(content_type: str, raw: str) -> str:
     return text
 
 
+def check_playground(base: str) -> None:
+    """The page and each asset it names answer 200 with a Content Security Policy. Raises AssertionError."""
+    with urllib.request.urlopen(f"{base}/", timeout=30) as resp:
+        page = resp.read().decode("utf-8")
+        assert "script-src 'self'" in (resp.headers.get("Content-Security-Policy") or ""), "no CSP on the page"
+    assets = [part.split('"', 1)[0] for part in page.split('="/playground/')[1:]]
+    assert assets, "the page names no assets"
+    for asset in assets:
+        with urllib.request.urlopen(f"{base}/playground/{asset}", timeout=30) as resp:
+            assert resp.status == 200 and resp.read(), f"empty asset {asset}"
+
+
 def main() -> int:
     base = sys.argv[1].rstrip("/") if len(sys.argv) > 1 else "http://127.0.0.1:8000"
     model = served_model(base)
@@ -57,6 +70,12 @@ def main() -> int:
         print(f"FAIL: {error}\n--- body ---\n{raw[:2000]}", file=sys.stderr)
         return 1
     print(f"OK: model {model!r} streamed {raw.count('data: ') - 1} chunks: {text!r}")
+    try:
+        check_playground(base)
+    except AssertionError as error:
+        print(f"FAIL: the playground: {error}", file=sys.stderr)
+        return 1
+    print("OK: the playground's page and assets are served")
     return 0
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import re
 import sys
 import tomllib
+import urllib.error
 
 import pytest
 
@@ -176,3 +177,15 @@ def test_ci_stream_check_accepts_a_good_stream() -> None:
 def test_ci_stream_check_rejects_a_broken_stream(content_type: str, body: str) -> None:
     with pytest.raises(AssertionError):
         load_stream_check().check_sse(content_type, body)
+
+
+def test_ci_stream_check_finds_the_playground_and_its_assets() -> None:
+    """What the container check asks of the image's package: the page and the files it names."""
+    from tests.support.api import settings, tiny_loaded, uvicorn_thread
+
+    check = load_stream_check().check_playground
+    with uvicorn_thread(settings(), tiny_loaded()) as (url, _):
+        check(url)
+    with uvicorn_thread(settings(playground=False), tiny_loaded()) as (url, _), pytest.raises(urllib.error.HTTPError) as error:
+        check(url)
+    assert error.value.code == 404
