@@ -123,13 +123,21 @@ def test_chat_streams_stops_and_the_engine_panel_follows(browser: Any, server: t
     assert driver.execute_script("return window.pwned === undefined && !document.querySelector('#transcript img')")
     assert driver.execute_script("return document.activeElement.id") == "message"  # focus back for the next message
 
-    # Hover a token: its probability and the top alternatives.
-    token = driver.find_elements(By.CSS_SELECTOR, ".message.assistant .tok")[3]
+    # Hover a token: its probability and the top alternatives. The widest token: a random model writes
+    # control bytes too, which render with no width and cannot be hovered.
+    token = driver.execute_script(
+        "return [...document.querySelectorAll('.message.assistant .tok')]"
+        ".sort((a, b) => b.getBoundingClientRect().width - a.getBoundingClientRect().width)[0]"
+    )
     webdriver.ActionChains(driver).move_to_element(token).perform()
     tip = driver.find_element(By.ID, "token-tip")
     wait_for(tip.is_displayed, what="the token tooltip")
     assert "p=" in tip.text and len(tip.text.splitlines()) >= 2, tip.text
     webdriver.ActionChains(driver).move_to_element(driver.find_element(By.ID, "settings-title")).perform()
+    wait_for(lambda: not tip.is_displayed(), what="the tooltip to go")
+    driver.execute_script("arguments[0].focus()", token)  # the keyboard's way to the same tooltip
+    wait_for(tip.is_displayed, what="the token tooltip on focus")
+    driver.execute_script("arguments[0].blur()", token)
 
     # The engine panel has counted it.
     wait_for(lambda: driver.find_element(By.ID, "fig-ttft").text.endswith("ms"), what="the TTFT figure")
@@ -176,3 +184,21 @@ def test_the_page_fits_a_phone(browser: Any, server: tuple[str, Any]) -> None:
         assert tops == sorted(tops) and len(set(tops)) == 3, tops  # one column, conversation first
     finally:
         driver.set_window_size(1400, 1000)
+
+
+def test_completion_mode_streams_coloured_tokens_with_their_alternatives(browser: Any, server: tuple[str, Any]) -> None:
+    url, _ = server
+    driver = browser
+    driver.get(url + "/")
+    wait_for(lambda: "tiny" in driver.find_element(By.ID, "model-name").text, what="the model name")  # the tab keeps the key
+    driver.find_element(By.ID, "mode-completion").click()
+    set_field(driver, "max-tokens", "20")
+    driver.find_element(By.ID, "ignore-eos").click()
+    message = driver.find_element(By.ID, "message")
+    message.send_keys("Once upon")
+    message.send_keys(Keys.ENTER)
+    wait_for(lambda: driver.find_element(By.ID, "send-button").is_enabled() and token_count(driver) > 0, what="the answer")
+    assert token_count(driver) == 20
+    assert "finish: length" in driver.find_element(By.ID, "response-stats").text
+    top = driver.execute_script("return JSON.parse(document.querySelector('.message.assistant .tok').dataset.top)")
+    assert 1 <= len(top) <= 5 and all(isinstance(t, str) and lp <= 0 for t, lp in top), top
