@@ -164,7 +164,7 @@ async def test_tokenizer_info_of_smollm2(smollm2: LoadedModel, smollm2_client: h
     # HF's tokenizer_config.json of SmolLM2-135M-Instruct: bos <|im_start|>, eos <|im_end|>
     assert (info["bos_token"], info["bos_token_id"]) == ("<|im_start|>", 1)
     assert (info["eos_token"], info["eos_token_id"]) == ("<|im_end|>", 2)
-    assert info["pad_token"] is None  # the GGUF has a padding id, but the loaded tokenizer does not expose it
+    assert (info["pad_token"], info["pad_token_id"]) == ("<|im_end|>", 2)  # the GGUF's padding_token_id, HF's pad_token
     assert info["tokenizer_class"] == "BPETokenizer" and info["vocab_size"] == 49152
     assert info["model_max_length"] == 256 and info["add_bos_token"] is False
     assert info["chat_template"] == smollm2.chat_template and info["chat_template"].startswith(SMOLLM2_TEMPLATE_START)

@@ -9,6 +9,7 @@ import pytest
 
 from model.chat import ChatFormatError, default_system_prompt, detect_chat_format, end_of_turn_ids, render_chat
 from model.tokenizer import ByteTokenizer, Tokenizer
+from tests.support.oracle import GOLDEN_PROMPT
 
 # Published templates (Meta-Llama-3-8B-Instruct and Llama-2-7b-chat-hf tokenizer_config.json).
 LLAMA3_TEMPLATE = (
@@ -71,24 +72,7 @@ def test_smollm2_default_system_prompt_and_golden_ids(smollm2: tuple[Tokenizer, 
     assert default_system_prompt(template) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     # Golden ids from docs/default-model.md (checked against transformers and llama.cpp), no system prompt.
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    assert render_chat(messages, tokenizer, "chatml") == [
-        1,
-        4093,
-        198,
-        1780,
-        314,
-        260,
-        3575,
-        282,
-        4649,
-        47,
-        2,
-        198,
-        1,
-        520,
-        9531,
-        198,
-    ]
+    assert render_chat(messages, tokenizer, "chatml") == GOLDEN_PROMPT
     assert end_of_turn_ids("chatml", tokenizer) == {2}
 
 

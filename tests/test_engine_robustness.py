@@ -210,6 +210,29 @@ def test_several_long_prompts_admitted_together_match_the_oracle() -> None:
     assert engine.stats().prompt_tokens_total == 23 + 9 + 31
 
 
+def test_a_request_failing_at_admission_counts_no_prompt_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its prefill chunk is planned but never run: only the other request's prompt was read."""
+    set_slot = Sampler.set_slot
+
+    def failing_for_seed_13(self: Sampler, slot: int, params: SamplingParams, *args: Any, **kwargs: Any) -> None:
+        if params.seed == 13:
+            raise ValueError("this request's sampling cannot be set up")
+        set_slot(self, slot, params, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "set_slot", failing_for_seed_13)
+    engine = make_engine(max_batch_size=2)
+    good = GenerationRequest(prompt(1, 9), GREEDY, max_tokens=3, ignore_eos=True)
+    bad = GenerationRequest(prompt(2, 23), SamplingParams(temperature=1.0, seed=13), max_tokens=3, ignore_eos=True)
+
+    async def main() -> tuple[Any, Any]:
+        return await asyncio.gather(collect(engine.submit(good)), collect(engine.submit(bad)), return_exceptions=True)
+
+    outcomes = run(main())
+    engine.shutdown()
+    assert isinstance(outcomes[1], RequestFailed) and not isinstance(outcomes[0], BaseException)
+    assert engine.stats().prompt_tokens_total == 9
+
+
 @pytest.mark.parametrize("max_tokens", [0, 3])
 def test_prompt_logprobs_across_chunks_equal_one_full_pass(max_tokens: int) -> None:
     prompt_ids = prompt(3, 29)

@@ -56,6 +56,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10, what: str = "") 
     raise AssertionError(f"timed out waiting for {what or condition}")
 
 
+def open_page(driver: Any, url: str) -> None:
+    """Load the page and get it connected, giving the key when it asks (a new tab has none)."""
+    driver.get(url + "/")
+    asked = "return document.getElementById('key-dialog').open"
+    wait_for(lambda: driver.execute_script(asked) or "tiny" in driver.find_element(By.ID, "model-name").text, what="the page")
+    if driver.execute_script(asked):
+        driver.find_element(By.ID, "key-input").send_keys(API_KEY)
+        driver.find_element(By.ID, "key-save").click()
+    wait_for(lambda: "tiny" in driver.find_element(By.ID, "model-name").text, what="the model name")
+
+
 def slot_states(driver: Any) -> list[str]:
     return driver.execute_script("return [...document.querySelectorAll('#slots .slot')].map(s => s.dataset.state)")
 
@@ -189,8 +200,7 @@ def test_the_page_fits_a_phone(browser: Any, server: tuple[str, Any]) -> None:
 def test_completion_mode_streams_coloured_tokens_with_their_alternatives(browser: Any, server: tuple[str, Any]) -> None:
     url, _ = server
     driver = browser
-    driver.get(url + "/")
-    wait_for(lambda: "tiny" in driver.find_element(By.ID, "model-name").text, what="the model name")  # the tab keeps the key
+    open_page(driver, url)
     driver.find_element(By.ID, "mode-completion").click()
     set_field(driver, "max-tokens", "20")
     driver.find_element(By.ID, "ignore-eos").click()

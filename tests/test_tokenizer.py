@@ -25,6 +25,7 @@ from model.tokenizer import (
     tokenizer_from_dir,
     tokenizer_from_gguf,
 )
+from tests.support.oracle import GOLDEN_PROMPT
 from tests.support.tokenizer_corpus import corpus, training_text
 
 # Patterns written out here (not imported) so the tests check the module's copies.
@@ -99,24 +100,7 @@ def test_smollm2_matches_hf_reference(smollm2: BPETokenizer, smollm2_reader: ggu
 def test_smollm2_golden_chat_prompt(smollm2: BPETokenizer) -> None:
     # ids from default-model.md (they reproduce transformers' / llama.cpp's output)
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    assert smollm2.encode(prompt, allow_special=True) == [
-        1,
-        4093,
-        198,
-        1780,
-        314,
-        260,
-        3575,
-        282,
-        4649,
-        47,
-        2,
-        198,
-        1,
-        520,
-        9531,
-        198,
-    ]
+    assert smollm2.encode(prompt, allow_special=True) == GOLDEN_PROMPT
     assert smollm2.encode("x", bos=True)[0] == 1
 
 
@@ -159,9 +143,11 @@ def test_smollm2_as_tokenizer_json(smollm2_reader: gguf.GGUFReader, tmp_path: Pa
     """The same 49k vocabulary through the HF tokenizer.json loader (SmolLM2's original format)."""
     hf = hf_from_gguf(smollm2_reader, SMOLLM_PRE, specials=True)
     hf.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": {"content": "<|endoftext|>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = tokenizer_from_dir(tmp_path)
-    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (49152, 1, 2)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, getattr(tok, "pad_id", None)) == (49152, 1, 2, 0)
+    assert getattr(tokenizer_from_gguf(smollm2_reader), "pad_id", None) == 2  # the GGUF's padding_token_id
     texts = corpus(500, seed=77)
     want = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
     assert [t for t, w in zip(texts, want) if tok.encode(t, allow_special=True) != w] == []

@@ -273,15 +273,15 @@ class Engine:
         self.step_batch_sizes.append(len(self.scheduler.running))
         del self.step_batch_sizes[:-1000]
         result = self.runner.run(plan) if plan.admitted or plan.runs_model else StepResult()
-        self._postprocess(plan, result)
+        prefilled = self._postprocess(plan, result)
         self._steps += 1
         self._last_step_time = time.monotonic()
         self._last_step_duration = self._last_step_time - start
-        prefilled = sum(chunk.length for chunk in plan.prefill)
         self.telemetry.record_step(self._last_step_time, self._last_step_duration, len(result.sampled), prefilled)
 
-    def _postprocess(self, plan: StepPlan, result: StepResult) -> None:
-        """Send every request what this step produced; finished and failed requests give back their slots."""
+    def _postprocess(self, plan: StepPlan, result: StepResult) -> int:
+        """Send every request what this step produced; finished and failed requests give back their slots.
+        Returns the prompt tokens read into the cache this step."""
         for chunk in plan.prefill:  # what the slots now hold, for the prefix cache (before failures clear a slot)
             self.prefix_cache.computed(chunk.request.slot, chunk.request.tokens, chunk.start, chunk.length)
         for request in plan.cancelled:
@@ -293,7 +293,9 @@ class Engine:
             request.handle.put(self.output_processor.end(request, "length"))
         for request, error in result.failed:
             self._fail(request, error)
-        self._prompt_tokens_total += sum(chunk.length for chunk in plan.prefill)
+        failed = {id(request) for request, _ in result.failed}  # their chunks were planned but never read
+        prefilled = sum(chunk.length for chunk in plan.prefill if id(chunk.request) not in failed)
+        self._prompt_tokens_total += prefilled
         for sampled in result.sampled:
             request = sampled.request
             first = request.timings.first_token is None
@@ -310,6 +312,7 @@ class Engine:
             if output.finish_reason is not None:
                 self.scheduler.release(request)
             request.handle.put(output)
+        return prefilled
 
     def _new_request(self, handle: RequestHandle, params: GenerationRequest, order: int, group: str) -> Request:
         return Request(

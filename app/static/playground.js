@@ -451,7 +451,9 @@ function renderSnapshot(snapshot) {
   const minute = snapshot.last_minute;
   $("fig-running").textContent = `${snapshot.running}/${snapshot.max_batch_size}`;
   $("fig-waiting").textContent = String(snapshot.waiting);
-  $("fig-toks").textContent = minute.generated_tok_s.toFixed(1);
+  // The last ten whole seconds (the newest bucket is the second still running): what is happening now.
+  const recent = minute.per_second.slice(-11, -1);
+  $("fig-toks").textContent = (recent.reduce((sum, s) => sum + s.generated_tok_s, 0) / recent.length).toFixed(1);
   $("fig-step").textContent = minute.step_ms_mean == null ? "–" : `${minute.step_ms_mean.toFixed(1)} ms`;
   $("fig-ttft").textContent = minute.ttft.p50_s == null ? "–" : `${Math.round(1000 * minute.ttft.p50_s)} ms`;
   $("slots").replaceChildren(...snapshot.slots.map((slot) => slotItem(slot, snapshot.max_seq_len)));

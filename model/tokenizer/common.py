@@ -50,6 +50,7 @@ class _IdTable:
 
     _id_bytes: list[bytes]
     vocab_size: int
+    pad_id: int | None = None  # the checkpoint's padding token, where it names one (GET /tokenizer_info shows it)
 
     def token_bytes(self, token_id: int) -> bytes:
         if not 0 <= token_id < self.vocab_size:

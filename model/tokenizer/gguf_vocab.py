@@ -15,6 +15,7 @@ from model.tokenizer.bpe import (
     LLAMA3_PATTERN,
     QWEN2_PATTERN,
     SMOLLM_PATTERN,
+    BPETokenizer,
     UnicodeForm,
     _split_merge,
     bpe_from_vocab,
@@ -47,6 +48,16 @@ def tokenizer_from_gguf(reader: Any) -> Tokenizer:
     types = _gguf_get(reader, "tokenizer.ggml.token_type")
     bos_id = _gguf_get(reader, "tokenizer.ggml.bos_token_id")
     eos_id = _gguf_get(reader, "tokenizer.ggml.eos_token_id")
+    tokenizer = _tokenizer_of_kind(reader, kind, tokens, types, bos_id, eos_id)
+    pad_id = _gguf_get(reader, "tokenizer.ggml.padding_token_id")
+    if isinstance(pad_id, int) and 0 <= pad_id < tokenizer.vocab_size:
+        tokenizer.pad_id = pad_id
+    return tokenizer
+
+
+def _tokenizer_of_kind(
+    reader: Any, kind: str, tokens: list[str], types: Any, bos_id: Any, eos_id: Any
+) -> BPETokenizer | SentencePieceTokenizer:
     if kind == "llama":
         return _sentencepiece_from_gguf(reader, tokens, types, bos_id, eos_id)
     if kind != "gpt2":
@@ -69,7 +80,7 @@ def tokenizer_from_gguf(reader: Any) -> Tokenizer:
     )
 
 
-def _sentencepiece_from_gguf(reader: Any, tokens: list[str], types: Any, bos_id: Any, eos_id: Any) -> Tokenizer:
+def _sentencepiece_from_gguf(reader: Any, tokens: list[str], types: Any, bos_id: Any, eos_id: Any) -> SentencePieceTokenizer:
     """GGUF `llama` vocabularies (Llama 2, TinyLlama) are SentencePiece BPE models taken apart:
     rebuild the model proto from pieces, scores and types so sentencepiece itself tokenizes."""
     import sentencepiece

@@ -88,8 +88,8 @@ def _hf_bpe(path: Path, data: dict[str, Any]) -> BPETokenizer:
     config_path = path / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
     bos, eos = _config_token(config.get("bos_token")), _config_token(config.get("eos_token"))
-    unk = model.get("unk_token")
-    return bpe_from_vocab(
+    unk, pad = model.get("unk_token"), _config_token(config.get("pad_token"))
+    tokenizer = bpe_from_vocab(
         name=path.name or "tokenizer.json",
         tokens=tokens,
         merges=[_split_merge(m) for m in model.get("merges", [])],
@@ -102,6 +102,8 @@ def _hf_bpe(path: Path, data: dict[str, Any]) -> BPETokenizer:
         fuse_unk=bool(model.get("fuse_unk")),
         extra_stop_ids=_generation_eos(path),
     )
+    tokenizer.pad_id = ids.get(pad) if pad else None
+    return tokenizer
 
 
 def _generation_eos(path: Path) -> list[int]:
