@@ -59,12 +59,12 @@ class EngineTelemetry:
         per_second: list[dict[str, Any]] = [
             {"generated_tok_s": 0, "prefill_tok_s": 0, "steps": 0, "step_ms": None} for _ in range(self.window_s)
         ]
-        for second, generated, prefilled, steps, busy in buckets:
+        for second, generated, prefilled, count, seconds_busy in buckets:
             per_second[int(second) - first] = {
                 "generated_tok_s": int(generated),
                 "prefill_tok_s": int(prefilled),
-                "steps": int(steps),
-                "step_ms": round(1000 * busy / steps, 2),
+                "steps": int(count),
+                "step_ms": round(1000 * seconds_busy / count, 2),
             }
         steps = sum(int(b[3]) for b in buckets)
         busy = sum(b[4] for b in buckets)

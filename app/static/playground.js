@@ -15,7 +15,6 @@ const state = {
   history: [], // chat messages sent so far (system prompt excluded)
   controller: null, // AbortController of the response in flight
   polling: null,
-  keyPrompted: false,
 };
 
 // ---------------------------------------------------------------- HTTP
