@@ -25,6 +25,7 @@ from model.hf_weights import read_hf, read_hf_chat_template
 from model.invariance import make_batch_invariant
 from model.llama import Transformer
 from model.meta_weights import read_meta
+from model.tensor_parallel import ShardPlan, parallelize
 from model.tokenizer import Tokenizer, tokenizer_from_dir, tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def load_model(
     cache_weights: bool = True,
     quantization: str = "none",
     batch_invariant: bool = True,
+    tensor_parallel: tuple[int, int] | None = None,
 ) -> LoadedModel:
     """Model + tokenizer + name + chat template from a checkpoint path (format detected).
 
@@ -77,6 +79,8 @@ def load_model(
     server passes its Settings.cache_dir) unless cache_weights is False. quantization: none, int4 (CPU, see
     model/quant.py) or auto (int4 for a Q4_1 GGUF on a CPU that has the int4 kernel).
     batch_invariant: a row's numbers never depend on the rest of its batch (model/invariance.py).
+    tensor_parallel: (rank, world) -- load only this rank's shard and sum the row-parallel layers
+    across the default process group, which must be initialised (model/tensor_parallel.py).
     """
     path = Path(path)
     weights = load_weights(
@@ -89,6 +93,7 @@ def load_model(
         cache_weights=cache_weights,
         quantization=quantization,
         batch_invariant=batch_invariant,
+        tensor_parallel=tensor_parallel,
     )
     try:
         if weights.gguf_reader is not None:
@@ -115,8 +120,10 @@ def load_weights(
     cache_weights: bool = True,
     quantization: str = "none",
     batch_invariant: bool = True,
+    tensor_parallel: tuple[int, int] | None = None,
 ) -> LoadedWeights:
-    """The network with its weights and KV cache, without the tokenizer."""
+    """The network with its weights and KV cache, without the tokenizer (this rank's shard of it under
+    tensor_parallel; `args` stay the full model's)."""
     path = Path(path)
     if max_batch_size < 1 or max_seq_len < 1:
         raise CheckpointError(f"max_batch_size ({max_batch_size}) and max_seq_len ({max_seq_len}) must be >= 1")
@@ -150,7 +157,21 @@ def load_weights(
         resolved = quant.resolve_quantization(quantization, device, file_type)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    model = build_model(args, state, device=device, dtype=dtype, source=path)
+    build_args = args
+    if tensor_parallel is not None:
+        try:
+            plan = ShardPlan.build(args, *tensor_parallel)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        state, build_args = plan.shard_state(state), plan.local_args(args)
+        log.info(
+            "tensor parallel rank %d/%d: query heads %s, KV heads %s, feed-forward columns %s",
+            *tensor_parallel,
+            plan.q_heads,
+            plan.kv_heads,
+            plan.hidden,
+        )
+    model = build_model(build_args, state, device=device, dtype=dtype, source=path)
     model.fuse_projections()  # before quantizing: the fused layers are quantized whole
     if resolved == "int4":
         max_rows, dense_dtype = quant.default_layout()
@@ -161,6 +182,8 @@ def load_weights(
     if batch_invariant:
         make_batch_invariant(model)
     model.setup_cache(max_batch_size, max_seq_len, batch_invariant=batch_invariant)
+    if tensor_parallel is not None:
+        parallelize(model)
     return LoadedWeights(model, args, name, template, reader, resolved)
 
 

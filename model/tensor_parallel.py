@@ -1,0 +1,276 @@
+"""Tensor parallelism over torch.distributed: one model sharded Megatron-style across N processes.
+
+Why this shape (Meta's llama3 `model.py` shards the same way with fairscale; vLLM's `parallel_state`
+and gpt-fast's `tp.py` are the models): each rank holds a slice of every layer and the ranks exchange
+one all-reduce per attention and one per feed-forward, so a model too big for one device (or one
+socket's memory bandwidth) runs as if it were one.
+
+- Attention is split by heads. The query heads that share a key/value head stay on one rank, so
+  grouped-query attention runs locally: with at least as many KV heads as ranks, each rank takes a
+  contiguous run of KV heads and their query heads; with fewer, each KV head is replicated on
+  `world / n_kv_heads` ranks and its query heads are shared out among them. Uneven counts are allowed
+  (SmolLM2's 9 query / 3 KV heads split 6 + 3 over two ranks).
+- wq/wk/wv and w1/w3 are column-parallel (each rank computes some outputs), wo and w2 row-parallel
+  (each rank computes a partial sum of every output), followed by one all-reduce each.
+- Embeddings, norms and the output head are replicated: every rank computes the same logits and only
+  rank 0 samples. Sharding the head would save memory but add an all-gather per step.
+
+Rank 0 runs the scheduler: `ParallelLeader` broadcasts every forward's inputs (the step's plan, as
+tensors) and every prefix copy to the other ranks, which run `follow` until told to stop. A rank that
+dies closes its sockets, so the others' next collective raises instead of waiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.args import ModelArgs
+
+log = logging.getLogger(__name__)
+
+QUANT_GROUP = 32  # split the feed-forward on int4 group boundaries (model/quant.GROUP_SIZE) when the width allows
+# Collectives wait this long. An idle server's followers wait in a broadcast for the next step, so it is
+# long; a rank that dies is noticed at once anyway, when its sockets close.
+COLLECTIVE_TIMEOUT = timedelta(days=7)
+
+_OP_FORWARD, _OP_COPY_PREFIX, _OP_STOP = 1, 2, 3
+_HEADER = 8  # int64s: op, then the op's scalars
+
+
+def split_evenly(total: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part `index` when `total` items are cut into `parts` runs; the first ones get the extra."""
+    base, extra = divmod(total, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which heads and feed-forward columns one rank holds; [start, stop) ranges of the full model's."""
+
+    rank: int
+    world: int
+    head_dim: int
+    q_heads: tuple[int, int]
+    kv_heads: tuple[int, int]
+    hidden: tuple[int, int]
+
+    @classmethod
+    def build(cls, args: ModelArgs, rank: int, world: int) -> ShardPlan:
+        """The plan for `rank` of `world`; ValueError naming the counts that do not split."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        heads, kv_heads = args.n_heads, args.n_kv_heads
+        group = heads // kv_heads  # query heads per KV head
+        if kv_heads >= world:
+            kv = split_evenly(kv_heads, world, rank)
+            q = (kv[0] * group, kv[1] * group)
+        elif world % kv_heads == 0 and group % (world // kv_heads) == 0:
+            replicas = world // kv_heads  # ranks that share one KV head
+            kv_head, share = rank // replicas, group // replicas
+            start = kv_head * group + (rank % replicas) * share
+            kv, q = (kv_head, kv_head + 1), (start, start + share)
+        else:
+            raise ValueError(
+                f"{heads} query heads in groups of {group} over {kv_heads} KV heads do not split over {world} ranks "
+                f"(the rank count must divide the KV heads, or be a multiple of them that divides each group)"
+            )
+        unit = QUANT_GROUP if args.hidden_dim % QUANT_GROUP == 0 and args.hidden_dim // QUANT_GROUP >= world else 1
+        if args.hidden_dim // unit < world:
+            raise ValueError(f"a feed-forward of {args.hidden_dim} columns does not split over {world} ranks")
+        lo, hi = split_evenly(args.hidden_dim // unit, world, rank)
+        return cls(rank, world, args.head_dim, q, kv, (lo * unit, hi * unit))
+
+    def local_args(self, args: ModelArgs) -> ModelArgs:
+        """The hyper-parameters of this rank's slice: what its Transformer is built with."""
+        return dataclasses.replace(
+            args,
+            n_heads=self.q_heads[1] - self.q_heads[0],
+            n_kv_heads=self.kv_heads[1] - self.kv_heads[0],
+            hidden_dim=self.hidden[1] - self.hidden[0],
+            head_dim=self.head_dim,
+        )
+
+    def split(self, name: str) -> tuple[int, int, int] | None:
+        """(dim, start, stop) of the slice of tensor `name` (our names, before fusing) on this rank; None: replicated."""
+        match = re.fullmatch(r"layers\.\d+\.(attention|feed_forward)\.(w\w+)\.(weight|bias)", name)
+        if match is None:
+            return None
+        layer, kind = match.group(2), match.group(3)
+        by_heads = {"wq": self.q_heads, "wk": self.kv_heads, "wv": self.kv_heads, "wo": self.q_heads}
+        if layer in by_heads:
+            start, stop = by_heads[layer]
+            start, stop = start * self.head_dim, stop * self.head_dim
+        elif layer in ("w1", "w2", "w3"):
+            start, stop = self.hidden
+        else:
+            return None
+        row_parallel = layer in ("wo", "w2")
+        if row_parallel and kind == "bias":  # a row-parallel bias is added once, after the sum: replicated
+            return None
+        return (1 if row_parallel else 0), start, stop
+
+    def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of `tensor`, copied: a memory-mapped source is read for the slice only."""
+        split = self.split(name)
+        if split is None:
+            return tensor
+        dim, start, stop = split
+        return tensor.narrow(dim, start, stop - start).clone()
+
+    def shard_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every tensor of a full state dict replaced by its slice, one at a time (the full ones are dropped as we go)."""
+        return {name: self.shard(name, state.pop(name)) for name in list(state)}
+
+
+class AllReduced(nn.Module):
+    """A row-parallel layer: each rank's partial output, summed over the ranks in place."""
+
+    def __init__(self, inner: nn.Module, group: Any = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+def parallelize(model: nn.Module, group: Any = None) -> None:
+    """Sum the outputs of every layer's wo and w2 across the ranks (after quantization and invariance
+    swapped the linear layers: the wrapper holds whatever layer is there)."""
+    for layer in model.layers:  # type: ignore[union-attr]
+        layer.attention.wo = AllReduced(layer.attention.wo, group)
+        layer.feed_forward.w2 = AllReduced(layer.feed_forward.w2, group)
+
+
+class ParallelLeader:
+    """Rank 0's model: each call is sent to the other ranks, then run on this rank's shard.
+
+    It has the engine's model protocol (app/engine/model_runner.CausalLM) plus `copy_prefix`, and
+    deliberately no `model` or `layers`: the engine's start-up checks that run the model directly would
+    run on rank 0 alone and leave the others waiting in a collective.
+    """
+
+    def __init__(self, shard: Any, group: Any = None) -> None:
+        self.shard = shard
+        self.group = group
+        self.max_batch_size: int = shard.max_batch_size
+        self.max_seq_len: int = shard.max_seq_len
+        self.batch_invariant: bool = getattr(shard, "batch_invariant", False)
+        self.stopped = False
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.shard.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.shard.device
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor | None,
+        *,
+        kv_len: int,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        rows, columns = tokens.shape
+        self._send([_OP_FORWARD, rows, columns, kv_len, int(all_logits), int(slots is not None)])
+        dist.broadcast(tokens.contiguous(), src=0, group=self.group)
+        dist.broadcast(positions.contiguous(), src=0, group=self.group)
+        if slots is not None:
+            dist.broadcast(slots.contiguous(), src=0, group=self.group)
+        return self.shard(tokens, positions, slots, kv_len=kv_len, all_logits=all_logits)
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        self._send([_OP_COPY_PREFIX, source, target, length])
+        self.shard.copy_prefix(source, target, length)
+
+    def stop(self) -> None:
+        """Release the followers (they return from `follow`); safe to call twice."""
+        if not self.stopped:
+            self.stopped = True
+            self._send([_OP_STOP])
+
+    def _send(self, values: list[int]) -> None:
+        header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
+        header[: len(values)] = torch.tensor(values, dtype=torch.int64)
+        dist.broadcast(header, src=0, group=self.group)
+
+
+def follow(shard: Any, group: Any = None) -> int:
+    """A follower rank's loop: run what rank 0 broadcasts until it says stop; returns the calls run.
+
+    A forward that rank 0 also rejects (bad inputs: ValueError before any collective) is skipped on
+    both sides; any other error ends the loop, and the process, so that rank 0's next collective fails.
+    """
+    device = shard.device
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
+    calls = 0
+    while True:
+        dist.broadcast(header, src=0, group=group)
+        op, *values = header.tolist()
+        if op == _OP_STOP:
+            return calls
+        calls += 1
+        if op == _OP_COPY_PREFIX:
+            shard.copy_prefix(values[0], values[1], values[2])
+            continue
+        if op != _OP_FORWARD:
+            raise RuntimeError(f"unknown tensor-parallel op {op}")
+        rows, columns, kv_len, all_logits, has_slots = values[:5]
+        tokens = torch.empty(rows, columns, dtype=torch.int64, device=device)
+        positions = torch.empty(rows, columns, dtype=torch.int64, device=device)
+        dist.broadcast(tokens, src=0, group=group)
+        dist.broadcast(positions, src=0, group=group)
+        slots = None
+        if has_slots:
+            slots = torch.empty(rows, dtype=torch.int64, device=device)
+            dist.broadcast(slots, src=0, group=group)
+        try:
+            shard(tokens, positions, slots, kv_len=kv_len, all_logits=bool(all_logits))
+        except ValueError:  # the input checks run before the first collective, so rank 0 raised the same
+            pass
+
+
+def backend_for(device: str | torch.device) -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (or any launcher that sets the env:// variables) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "MASTER_PORT" in os.environ
+
+
+def init_group(rank: int, world: int, device: str | torch.device, address: str | None = None) -> None:
+    """Join the default process group: tcp://address (the server's own spawned ranks) or env:// (torchrun)."""
+    if dist.is_initialized():
+        return
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device).index or rank % torch.cuda.device_count())
+    init_method = f"tcp://{address}" if address else "env://"
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    log.info("tensor parallel: rank %d of %d joined (%s)", rank, world, dist.get_backend())
+
+
+def device_for_rank(device: str | torch.device, rank: int) -> torch.device:
+    """On CUDA each rank takes its own GPU (cuda -> cuda:rank); on CPU all share the host."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+    return device

@@ -1,0 +1,174 @@
+"""Run a function on N gloo ranks in fresh processes (spawned: no fork of the test process's threads),
+with a deadline: a rank that hangs fails the test instead of the suite. Plus the rank bodies the
+tensor-parallel tests run, and the tiny HF checkpoints they load."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tests.support.api import free_port
+
+
+def run_ranks(world: int, body: Callable[..., Any], *args: Any, timeout: float = 120.0) -> list[Any]:
+    """body(rank, world, address, *args) in `world` spawned processes; the return value of each rank, by rank.
+
+    A rank that raises fails the call with its traceback; one still running at the deadline is killed.
+    """
+    ctx = mp.get_context("spawn")
+    results: Any = ctx.Queue()
+    address = f"127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_rank_main, args=(body, rank, world, address, args, results)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    try:
+        while len(outcomes) < world:
+            rank, ok, value = results.get(timeout=timeout)
+            outcomes[rank] = (ok, value)
+    except queue.Empty:
+        raise AssertionError(f"ranks {sorted(set(range(world)) - set(outcomes))} did not finish in {timeout:.0f} s") from None
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    failures = [f"rank {rank}:\n{value}" for rank, (ok, value) in sorted(outcomes.items()) if not ok]
+    assert not failures, "\n".join(failures)
+    return [outcomes[rank][1] for rank in range(world)]
+
+
+def _rank_main(body: Callable[..., Any], rank: int, world: int, address: str, args: tuple[Any, ...], results: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two ranks on two cores
+    try:
+        value = body(rank, world, address, *args)
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - reported to the test with its traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- tiny checkpoints: the three shapes tensor parallelism must split ------------------------------
+
+
+def write_tiny_checkpoints(directory: Path) -> dict[str, Path]:
+    """HF checkpoints of tiny random models, 259 ids (the ByteTokenizer's) so the engine can run them:
+    llama2 (multi-head, 4 heads), llama3 (GQA 6 heads / 3 KV heads: an uneven split over 2 ranks, rope
+    scaling) and qwen2 (qkv bias, tied head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from tests.support.oracle import randomise
+
+    common: dict[str, Any] = dict(vocab_size=259, num_hidden_layers=2, max_position_embeddings=256)
+    models = {
+        "llama2": LlamaForCausalLM(
+            LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, **common)
+        ),
+        "llama3": LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=96,
+                intermediate_size=192,
+                num_attention_heads=6,
+                num_key_value_heads=3,
+                rope_theta=500000.0,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+                **common,
+            )
+        ),
+        "qwen2": Qwen2ForCausalLM(
+            Qwen2Config(
+                hidden_size=64,
+                intermediate_size=96,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+                **common,
+            )
+        ),
+    }
+    paths = {}
+    for seed, (name, hf_model) in enumerate(models.items()):
+        torch.manual_seed(seed)
+        randomise(hf_model, seed).save_pretrained(directory / name)
+        paths[name] = directory / name
+    return paths
+
+
+PROMPTS = [[(5 * i + 11 * j) % 256 for j in range(9 + 7 * i)] for i in range(3)]
+
+
+def compare_with_single_process(rank: int, world: int, address: str, paths: dict[str, Path]) -> dict[str, Any] | None:
+    """For each checkpoint, on rank 0: the sharded model's logits and greedy engine tokens, and the
+    single-process model's (other ranks follow). Float32, batch invariant, as the server runs."""
+    from model.checkpoint import load_weights
+    from model.tensor_parallel import ParallelLeader, follow, init_group
+
+    init_group(rank, world, "cpu", address)
+    results = {}
+    for name, path in paths.items():
+        shard = load_weights(path, max_batch_size=4, max_seq_len=64, tensor_parallel=(rank, world)).model
+        if rank:
+            follow(shard)
+            continue
+        leader = ParallelLeader(shard)
+        single = load_weights(path, max_batch_size=4, max_seq_len=64).model
+        tokens = torch.tensor(PROMPTS[2])[None]
+        positions = torch.arange(tokens.shape[1])[None]
+        logits = [m(tokens, positions, torch.tensor([1]), kv_len=tokens.shape[1], all_logits=True) for m in (leader, single)]
+        # A decode batch of two rows in slots 1 and 3: one at the end of the prompt above, one fresh.
+        rows = torch.tensor([[7], [42]])
+        at = torch.tensor([[tokens.shape[1]], [0]])
+        decode = [m(rows, at, torch.tensor([1, 3]), kv_len=tokens.shape[1] + 1) for m in (leader, single)]
+        generated = [_engine_greedy(m) for m in (leader, single)]
+        leader.stop()
+        results[name] = {
+            "prefill_error": float((logits[0] - logits[1]).abs().max()),
+            "decode_error": float((decode[0] - decode[1]).abs().max()),
+            "logit_scale": float(logits[1].abs().max()),
+            "parallel_tokens": generated[0],
+            "single_tokens": generated[1],
+        }
+    return results if rank == 0 else None
+
+
+def _engine_greedy(model: Any) -> list[list[int]]:
+    """Greedy tokens of PROMPTS through the engine, all at once (continuous batching, prefix cache on)."""
+    from app.engine import Engine, GenerationRequest
+    from model.sampling import SamplingParams
+    from model.tokenizer import ByteTokenizer
+    from tests.support.engine import ids_of, run
+
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4, max_seq_len=64, prefill_chunk=8)
+    engine.start()
+    try:
+
+        async def generate() -> list[list[int]]:
+            import asyncio
+
+            async def one(prompt: list[int]) -> list[int]:
+                handle = engine.submit(
+                    GenerationRequest(prompt_ids=prompt, sampling=SamplingParams(temperature=0), max_tokens=12)
+                )
+                return ids_of([output async for output in handle])
+
+            return list(await asyncio.gather(*(one(p) for p in PROMPTS)))
+
+        return run(generate())
+    finally:
+        engine.shutdown()
