@@ -19,6 +19,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from app.config import Settings
+from app.parallel import torchrun_rank
 from model.memory import configure_memory
 from model.threads import configure_threads
 
@@ -123,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as e:
         print(f"llamaserve: invalid settings:\n{e}", file=sys.stderr)
         return 2
+    launched = torchrun_rank()
+    if launched is not None and launched[0] > 0:  # torchrun started this process as a follower rank: no HTTP
+        from app.parallel import follower_main_from_torchrun
+
+        return follower_main_from_torchrun(settings)
     configure_memory()  # before torch loads (configure_threads imports it when given a count): bounded native caches
     configure_threads(settings.threads)
     return serve(settings)

@@ -55,7 +55,15 @@ class Settings(BaseSettings):
         True,
         description="reuse the keys of a prompt prefix a finished request left in its slot (same outputs, faster first token)",
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (default: torch's choice; the cores shared out between tensor-parallel ranks)"
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="shard the model over this many processes (torch.distributed: gloo on CPU, NCCL on CUDA, one GPU each); "
+        "this process is rank 0 and starts the others. Under torchrun the launcher's WORLD_SIZE wins",
+    )
     chat_format: Literal["chatml", "llama3", "llama2"] | None = Field(None, description="override the detected chat format")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port")

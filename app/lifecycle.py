@@ -19,6 +19,7 @@ from app.config import Settings
 from app.engine import Engine, EngineStats, GenerationRequest
 from app.errors import model_not_found, unavailable
 from app.metrics import Metrics
+from app.parallel import ParallelRanks, load_shard, rank_threads, world_size
 from app.protocol.responses import ModelCard, now
 from model.chat import default_system_prompt, detect_chat_format
 from model.checkpoint import CheckpointError, LoadedModel
@@ -80,6 +81,25 @@ def load_checkpoint(settings: Settings) -> LoadedModel:
         batch_invariant=settings.batch_invariant,
         cache_dir=settings.cache_dir,
     )
+    log_loaded(loaded, start)
+    return loaded
+
+
+def load_checkpoint_sharded(settings: Settings, ranks: ParallelRanks) -> LoadedModel:
+    """This process's shard, as rank 0 of `ranks`, after starting the other ranks (app/parallel.py)."""
+    configure_threads(rank_threads(settings, ranks.world))
+    path = settings.model or str(ensure_default_model(settings.cache_dir))
+    log.info(
+        "loading %s on %s (%s), sharded over %d ranks", path, settings.resolved_device(), settings.resolved_dtype(), ranks.world
+    )
+    start = time.monotonic()
+    ranks.spawn(path)
+    loaded = load_shard(settings, 0, ranks.world, ranks.address, path)
+    log_loaded(loaded, start)
+    return loaded
+
+
+def log_loaded(loaded: LoadedModel, start: float) -> None:
     log.info(
         "loaded %s in %.1f s (quantization %s, batch invariant %s)",
         loaded.name,
@@ -87,7 +107,6 @@ def load_checkpoint(settings: Settings) -> LoadedModel:
         loaded.quantization,
         loaded.model.batch_invariant,
     )
-    return loaded
 
 
 class ServerState:
@@ -111,12 +130,18 @@ class ServerState:
         self.max_model_len = 0
         self.grammars: GrammarCache | None = None  # compiled structured-output grammars
         self._stall_watch: tuple[float | None, float] | None = None  # (last step seen busy, since when)
+        self.ranks: ParallelRanks | None = None  # the other tensor-parallel ranks, when sharded
 
     async def start(self) -> None:
         """Load (in a thread, so /health answers meanwhile), start the engine, warm up, then report ready."""
         try:
             if self.loaded is None:
-                self.loaded = await run_in_short_lived_thread(load_checkpoint, self.settings)
+                if world_size(self.settings) > 1:
+                    on_death = self._rank_died_threadsafe(asyncio.get_running_loop())
+                    self.ranks = ParallelRanks(self.settings, world_size(self.settings), on_death)
+                    self.loaded = await run_in_short_lived_thread(load_checkpoint_sharded, self.settings, self.ranks)
+                else:
+                    self.loaded = await run_in_short_lived_thread(load_checkpoint, self.settings)
             self._configure(self.loaded)
             model = self.loaded.model
             self.engine = Engine(
@@ -132,6 +157,8 @@ class ServerState:
             self.metrics.bind(self.engine.stats)
             if self.settings.warmup:
                 await self._warmup()
+            if self.phase == "failed":  # a tensor-parallel rank died meanwhile (_rank_died)
+                return
             self.phase = "ready"
             self.ready.set()
             log.info(
@@ -149,6 +176,25 @@ class ServerState:
             self.phase, self.error = "failed", f"{type(e).__name__}: {e}"
             if self.on_failure is not None:
                 self.on_failure()
+
+    def _rank_died_threadsafe(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
+        """The watcher's callback (it runs on the watcher thread): fail the server on the event loop."""
+
+        def on_death(reason: str) -> None:
+            loop.call_soon_threadsafe(self._rank_died, reason)
+
+        return on_death
+
+    def _rank_died(self, reason: str) -> None:
+        """A tensor-parallel rank is gone: the model cannot run a step any more. /health turns red and
+        the CLI exits non-zero (an orchestrator restarts the whole group) instead of hanging."""
+        if self.phase in ("stopped", "failed"):
+            return
+        log.error("%s: the model can no longer run; exiting", reason)
+        self.phase, self.error = "failed", reason
+        self.ready.clear()
+        if self.on_failure is not None:
+            self.on_failure()
 
     def _configure(self, loaded: LoadedModel) -> None:
         tokenizer = loaded.tokenizer
@@ -177,6 +223,13 @@ class ServerState:
         from model.llama import Transformer
         from model.static_step import StaticStep
 
+        if self.ranks is not None:
+            from model.tensor_parallel import ParallelLeader
+
+            # Eager: the compiled block would have to capture the all-reduces (functional collectives), not done yet.
+            log.info("tensor parallel over %d ranks: the decode step runs eager", self.ranks.world)
+            self.ranks.leader = ParallelLeader(model)
+            return self.ranks.leader
         if not self.settings.compile or not isinstance(model, Transformer):  # tests stand in scripted models
             return model
         # Compiled kernels are cached on disk beside the weights, so a restart does not compile again.
@@ -199,6 +252,8 @@ class ServerState:
             return self.engine
         if self.phase == "loading":
             raise unavailable("The model is still loading; retry shortly.", code="model_loading", retry_after=5)
+        if self.phase == "failed" and self.engine is not None:  # it was serving: a tensor-parallel rank died
+            raise unavailable(f"The model can no longer run: {self.error}", code="model_failed", retry_after=30)
         if self.phase == "failed":
             raise unavailable(f"The model failed to load: {self.error}", code="model_load_failed", retry_after=30)
         raise unavailable("The server is shutting down.", code="server_draining", retry_after=5)
@@ -233,6 +288,8 @@ class ServerState:
             await self.engine.drain(self.settings.drain_timeout)
             await asyncio.to_thread(self.engine.shutdown)
             log.info("engine stopped")
+        if self.ranks is not None:
+            await asyncio.to_thread(self.ranks.stop)
         if self.phase == "draining":
             self.phase = "stopped"
 
