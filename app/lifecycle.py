@@ -307,6 +307,17 @@ class ServerState:
             self._stall_watch = (stats.last_step_time, now_)
         return now_ - self._stall_watch[1] > STALL_S
 
+    def liveness(self) -> tuple[int, dict[str, Any]]:
+        """For a liveness probe: unlike `health` (readiness), loading and draining are alive; only a
+        dead or stalled engine, or a failed model, asks for a restart."""
+        if self.phase == "failed":
+            return 503, {"status": "failed", "error": self.error}
+        if self.phase == "ready" and self.engine is not None:
+            stats = self.engine.stats()
+            if not stats.healthy or self._stalled(stats):
+                return 503, {"status": "unhealthy"}
+        return 200, {"status": "draining" if self.phase == "stopped" else self.phase}
+
     def health(self) -> tuple[int, dict[str, Any]]:
         if self.phase == "ready" and self.engine is not None:
             stats = self.engine.stats()

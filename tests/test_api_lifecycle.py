@@ -30,6 +30,8 @@ async def test_health_loading_then_ready_and_requests_wait_with_503(monkeypatch:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
             r = await client.get("/health")
             assert r.status_code == 503 and r.json() == {"status": "loading"}
+            live = await client.get("/health/live")  # loading is alive: a liveness probe must not restart it
+            assert live.status_code == 200 and live.json() == {"status": "loading"}
             r = await client.post("/v1/completions", json=OK)
             assert_error(r, 503, code="model_loading")
             assert r.headers["retry-after"].isdigit()
@@ -55,6 +57,7 @@ async def test_load_failure_reports_failed(monkeypatch: pytest.MonkeyPatch) -> N
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
             r = await client.get("/health")
             assert r.status_code == 503 and r.json()["status"] == "failed" and "/nowhere" in r.json()["error"]
+            assert (await client.get("/health/live")).status_code == 503
             assert_error(await client.post("/v1/completions", json=OK), 503)
 
 
@@ -70,6 +73,8 @@ async def test_drain_finishes_running_requests_and_refuses_new_ones() -> None:
         await asyncio.sleep(0.02)
         r = await client.get("/health")
         assert r.status_code == 503 and r.json() == {"status": "draining"}
+        live = await client.get("/health/live")  # draining is alive: not restarted mid-drain
+        assert live.status_code == 200 and live.json() == {"status": "draining"}
         assert_error(await client.post("/v1/completions", json=OK), 503, code="server_draining")
         done = await running
         assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 20, done.text
@@ -219,6 +224,9 @@ async def test_health_unhealthy_when_the_engine_stops_stepping(monkeypatch: pyte
         await asyncio.sleep(0.1)
         r = await client.get("/health")
         assert r.status_code == 503 and r.json() == {"status": "unhealthy"}
+        live = await client.get("/health/live")  # a stalled engine is what a liveness probe restarts
+        assert live.status_code == 503 and live.json() == {"status": "unhealthy"}
         stuck.set()
         assert (await request).status_code == 200
         assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/health/live")).status_code == 200

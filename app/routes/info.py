@@ -46,6 +46,16 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+@get_and_head(
+    "/health/live",
+    summary="Liveness: 200 while loading, serving or draining; 503 only when the process can no longer serve "
+    "(engine dead or stalled, model failed) and should be restarted",
+)
+async def health_live(request: Request) -> JSONResponse:
+    status, body = server_state(request).liveness()
+    return JSONResponse(body, status_code=status)
+
+
 @get_and_head("/slots", summary="What each KV-cache slot holds: its request, or the prefix it keeps for the next one")
 async def slots(request: Request) -> dict[str, Any]:
     state = server_state(request)
