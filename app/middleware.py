@@ -20,7 +20,16 @@ log = logging.getLogger("llamaserve")
 
 # Never behind the API key: probes, scrapers, docs, and the playground's page and assets (the page asks for the key;
 # what it reads and generates goes through the key like any client's).
-OPEN_PATHS = ("/health", "/health/live", "/metrics", "/docs", "/openapi.json", "/", "/playground/playground.js", "/playground/playground.css")
+OPEN_PATHS = (
+    "/health",
+    "/health/live",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+    "/",
+    "/playground/playground.js",
+    "/playground/playground.css",
+)
 REQUEST_ID_HEADER = "x-request-id"
 GENERATION_ID_PREFIX = {"/v1/completions": "cmpl", "/v1/chat/completions": "chatcmpl"}  # POST path -> id prefix
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's x-request-id we echo and log; others are ignored

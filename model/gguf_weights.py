@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import socket
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -187,7 +188,7 @@ def write_cache(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # unique on a volume pods share
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
