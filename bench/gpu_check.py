@@ -10,6 +10,8 @@ Tests (pass/fail, with their numbers; the exit code is 1 when one fails or any s
 - batched_vs_single: greedy tokens through the Engine, each prompt alone and all together in one
   batch (different slots and lengths, a prompt longer than the prefill chunk), float32, with
   batch_invariant on (the server's default) and off: the tokens must be identical.
+- tensor_parallel: 2 ranks (NCCL, one GPU each; skipped with a message on one GPU; gloo in the dry
+  run) against one process: float32 logits of a prefill and a decode step, greedy engine tokens.
 - bf16_fidelity: the same random model in bfloat16 against float32, teacher forcing on random
   prompts (prefill) and one token per forward (decode): mean KL(float32 || bf16) and top-1
   agreement, held to tests/test_fidelity.py's thresholds (mean KL < 0.005, top-1 >= 97%, counted
@@ -61,6 +63,8 @@ MIN_TOP1_PCT = 97.0
 # compiled vs eager, float32 with TF32 off: max |diff| <= COMPILE_REL_TOL * max(1, max |logit|).
 # Reordered float32 reductions give ~1e-6 relative; a wrong position, mask or stale cache gives O(1).
 COMPILE_REL_TOL = 1e-3
+# 2 ranks vs 1 process, float32: only the order of the all-reduce's sums differs (~1e-6 relative).
+TENSOR_PARALLEL_REL_TOL = 1e-4
 DECISIVE_ULPS = 4  # bf16 fidelity: top-1 counted where float32's top-2 margin is >= 4 bf16 ulps (distribution_metrics)
 BANDWIDTH_TARGET = 0.75  # issue 17: batch-1 decode reads its weights at >= 75% of the copy bandwidth
 
@@ -718,7 +722,92 @@ def measure_throughput(device: torch.device, plan: Plan, dtype: torch.dtype, cap
 
 # ---------------------------------------------------------------- driver
 
-TESTS = ("compiled_vs_eager", "batched_vs_single", "bf16_fidelity")
+
+def check_tensor_parallel(device: torch.device, plan: Plan) -> dict[str, Any]:
+    """2 ranks (NCCL, one GPU each; gloo in the dry run) against one process: float32 logits of a
+    prefill and a decode step, and greedy tokens through the engine. Needs 2 GPUs on CUDA."""
+    from bench.ranks import run_ranks
+
+    world = 2
+    if device.type == "cuda" and torch.cuda.device_count() < world:
+        return {"passed": True, "skipped": f"needs {world} GPUs, found {torch.cuda.device_count()}"}
+    result = run_ranks(world, tensor_parallel_rank, device.type, plan.test_model, plan.test_seq, timeout=300)[0]
+    result["passed"] = (
+        result["prefill"]["passed"] and result["decode"]["passed"] and result["tokens"]["passed"] and result["ranks"] == world
+    )
+    return result
+
+
+def tensor_parallel_rank(
+    rank: int, world: int, address: str, device_type: str, shape: dict[str, Any], seq: int
+) -> dict[str, Any]:
+    """One rank of check_tensor_parallel (bench/ranks.run_ranks runs it): every rank builds the same
+    random weights, takes its shard (model.checkpoint.assemble_model), and rank 0 compares."""
+    import torch.distributed as dist
+
+    from app.engine import Engine, GenerationRequest
+    from model.checkpoint import assemble_model
+    from model.sampling import SamplingParams
+    from model.tensor_parallel import ParallelLeader, device_for_rank, follow, init_group
+    from model.tokenizer import ByteTokenizer
+
+    device = device_for_rank(device_type, rank)
+    init_group(rank, world, device, address)
+    args = ModelArgs(**shape, max_batch_size=4, max_seq_len=seq)
+
+    def weights() -> dict[str, torch.Tensor]:
+        with torch.device("meta"):
+            full = Transformer(args)
+        full = full.to_empty(device="cpu")
+        randomize(full, seed=7)
+        return {name: t.detach() for name, t in full.state_dict().items()}
+
+    def assemble(parallel: tuple[int, int] | None) -> Transformer:
+        return assemble_model(
+            args, weights(), device=device, dtype=torch.float32, source=Path("random"), tensor_parallel=parallel
+        )
+
+    shard = assemble((rank, world))
+    if rank:
+        follow(shard)
+        return {}
+    leader, single = ParallelLeader(shard), assemble(None)
+    rng = random.Random(11)
+    prompt = torch.tensor([[rng.randrange(args.vocab_size) for _ in range(min(24, seq - 2))]], device=device)
+    positions = torch.arange(prompt.shape[1], device=device)[None]
+    prefill = [m(prompt, positions, None, kv_len=prompt.shape[1], all_logits=True) for m in (single, leader)]
+    step = torch.tensor([[3], [5]], device=device)
+    at = torch.tensor([[prompt.shape[1]], [0]], device=device)
+    decode = [m(step, at, torch.tensor([0, 2], device=device), kv_len=prompt.shape[1] + 1) for m in (single, leader)]
+
+    def greedy(model: Any) -> list[list[int]]:
+        engine = Engine(model, ByteTokenizer(), max_batch_size=4, max_seq_len=seq, prefill_chunk=8)
+        engine.start()
+        try:
+
+            async def run() -> list[list[int]]:
+                async def one(p: list[int]) -> list[int]:
+                    request = GenerationRequest(p, SamplingParams(temperature=0), max_tokens=8, ignore_eos=True)
+                    return [t async for out in engine.submit(request) for t in out.token_ids]
+
+                return list(await asyncio.gather(*(one(p) for p in ([1, 2, 3], list(range(5, 25)), [9] * 11))))
+
+            return asyncio.run(run())
+        finally:
+            engine.shutdown()
+
+    tokens = compare_tokens(greedy(single), greedy(leader))
+    leader.stop()
+    return {
+        "ranks": world,
+        "backend": dist.get_backend(),
+        "prefill": compare_logits(prefill[0].cpu(), prefill[1].cpu(), TENSOR_PARALLEL_REL_TOL),
+        "decode": compare_logits(decode[0].cpu(), decode[1].cpu(), TENSOR_PARALLEL_REL_TOL),
+        "tokens": tokens,
+    }
+
+
+TESTS = ("compiled_vs_eager", "batched_vs_single", "bf16_fidelity", "tensor_parallel")
 MEASUREMENTS = ("decode_8b", "throughput")
 
 
@@ -759,6 +848,11 @@ def summary(report: dict[str, Any]) -> str:
             numbers = f"max |diff| {diffs} ({r['compiled_with']})"
         elif name == "batched_vs_single":
             numbers = f"mismatches invariant {len(r['batch_invariant']['mismatches'])}, fast {len(r['fast']['mismatches'])}"
+        elif name == "tensor_parallel":
+            numbers = r.get("skipped") or (
+                f"{r['ranks']} ranks ({r['backend']}): max |diff| prefill {r['prefill']['max_abs_diff']:.2e}, "
+                f"decode {r['decode']['max_abs_diff']:.2e}, token mismatches {len(r['tokens']['mismatches'])}"
+            )
         else:
             numbers = (
                 f"mean KL prefill {r['prefill']['kl_mean']:.1e} decode {r['decode']['kl_mean']:.1e}, "
@@ -849,6 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     run_section(report, "tests", "compiled_vs_eager", lambda: check_compiled(device, plan, backend))
     run_section(report, "tests", "batched_vs_single", lambda: check_batched(device, plan))
     run_section(report, "tests", "bf16_fidelity", lambda: check_bf16(device, plan))
+    run_section(report, "tests", "tensor_parallel", lambda: check_tensor_parallel(device, plan))
     run_section(report, "measurements", "decode_8b", lambda: measure_decode(device, plan, dtype, bandwidth, backend, left))
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -157,12 +157,42 @@ def load_weights(
         resolved = quant.resolve_quantization(quantization, device, file_type)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
+    model = assemble_model(
+        args,
+        state,
+        device=device,
+        dtype=dtype,
+        source=path,
+        quantization=resolved,
+        exact_int4_only=quantization == "auto",
+        batch_invariant=batch_invariant,
+        tensor_parallel=tensor_parallel,
+    )
+    return LoadedWeights(model, args, name, template, reader, resolved)
+
+
+def assemble_model(
+    args: ModelArgs,
+    state: dict[str, torch.Tensor],
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    source: Path,
+    quantization: str = "none",
+    exact_int4_only: bool = False,
+    batch_invariant: bool = True,
+    tensor_parallel: tuple[int, int] | None = None,
+) -> Transformer:
+    """A full state dict (our names) -> the ready network: this rank's shard of it under tensor_parallel,
+    projections fused, int4 where asked (`quantization` already resolved), batch invariant, cache set
+    up (args.max_batch_size x args.max_seq_len). load_weights' second half; benchmarks call it with
+    random weights."""
     build_args = args
     if tensor_parallel is not None:
         try:
             plan = ShardPlan.build(args, *tensor_parallel)
         except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from e
+            raise CheckpointError(f"{source}: {e}") from e
         state, build_args = plan.shard_state(state), plan.local_args(args)
         log.info(
             "tensor parallel rank %d/%d: query heads %s, KV heads %s, feed-forward columns %s",
@@ -171,20 +201,20 @@ def load_weights(
             plan.kv_heads,
             plan.hidden,
         )
-    model = build_model(build_args, state, device=device, dtype=dtype, source=path)
+    model = build_model(build_args, state, device=device, dtype=dtype, source=source)
     model.fuse_projections()  # before quantizing: the fused layers are quantized whole
-    if resolved == "int4":
+    if quantization == "int4":
         max_rows, dense_dtype = quant.default_layout()
-        swapped, inexact = quant.quantize_int4(model, max_rows, dense_dtype, exact_only=quantization == "auto")
+        swapped, inexact = quant.quantize_int4(model, max_rows, dense_dtype, exact_only=exact_int4_only)
         log.info("int4 weights for %d linear layers; dense %s weights above %d rows", swapped, dense_dtype or dtype, max_rows)
         if inexact:
             log.warning("%d linear layers are not on a Q4_1 grid (other formats in the file): kept dense", inexact)
     if batch_invariant:
         make_batch_invariant(model)
-    model.setup_cache(max_batch_size, max_seq_len, batch_invariant=batch_invariant)
+    model.setup_cache(args.max_batch_size, args.max_seq_len, batch_invariant=batch_invariant)
     if tensor_parallel is not None:
         parallelize(model)
-    return LoadedWeights(model, args, name, template, reader, resolved)
+    return model
 
 
 def build_model(

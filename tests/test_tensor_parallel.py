@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 import torch
 
+from bench.ranks import run_ranks
 from model.args import ModelArgs
 from model.tensor_parallel import ShardPlan, split_evenly
-from tests.support.parallel import compare_with_single_process, run_ranks, write_tiny_checkpoints
+from tests.support.parallel import compare_with_single_process, write_tiny_checkpoints
 
 
 def args(heads: int, kv_heads: int, hidden: int = 128, head_dim: int = 16) -> ModelArgs:

@@ -1,62 +1,11 @@
-"""Run a function on N gloo ranks in fresh processes (spawned: no fork of the test process's threads),
-with a deadline: a rank that hangs fails the test instead of the suite. Plus the rank bodies the
-tensor-parallel tests run, and the tiny HF checkpoints they load."""
+"""The tensor-parallel tests' rank bodies (run by bench/ranks.run_ranks) and the tiny HF checkpoints they load."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
-from tests.support.api import free_port
-
-
-def run_ranks(world: int, body: Callable[..., Any], *args: Any, timeout: float = 120.0) -> list[Any]:
-    """body(rank, world, address, *args) in `world` spawned processes; the return value of each rank, by rank.
-
-    A rank that raises fails the call with its traceback; one still running at the deadline is killed.
-    """
-    ctx = mp.get_context("spawn")
-    results: Any = ctx.Queue()
-    address = f"127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(body, rank, world, address, args, results)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    outcomes: dict[int, tuple[bool, Any]] = {}
-    try:
-        while len(outcomes) < world:
-            rank, ok, value = results.get(timeout=timeout)
-            outcomes[rank] = (ok, value)
-    except queue.Empty:
-        raise AssertionError(f"ranks {sorted(set(range(world)) - set(outcomes))} did not finish in {timeout:.0f} s") from None
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    failures = [f"rank {rank}:\n{value}" for rank, (ok, value) in sorted(outcomes.items()) if not ok]
-    assert not failures, "\n".join(failures)
-    return [outcomes[rank][1] for rank in range(world)]
-
-
-def _rank_main(body: Callable[..., Any], rank: int, world: int, address: str, args: tuple[Any, ...], results: Any) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)  # two ranks on two cores
-    try:
-        value = body(rank, world, address, *args)
-        results.put((rank, True, value))
-    except BaseException:  # noqa: BLE001 - reported to the test with its traceback
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
 
 # ---- tiny checkpoints: the three shapes tensor parallelism must split ------------------------------
 
