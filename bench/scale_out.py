@@ -114,7 +114,8 @@ def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 300) -> N
 
 
 def measure_http(url: str, clients: int, requests: int, output_tokens: int) -> dict[str, Any]:
-    workload = loadgen.Workload(num_requests=requests, concurrency=clients, prompt_tokens=(128, 128), output_tokens=(output_tokens,) * 2)
+    lengths = {"prompt_tokens": (128, 128), "output_tokens": (output_tokens, output_tokens)}
+    workload = loadgen.Workload(num_requests=requests, concurrency=clients, **lengths)
     report = asyncio.run(loadgen.measure(url, workload, label=url, warmup=2))
     return {
         "output_tok_s": round(report["output_tok_s"], 1),
