@@ -90,4 +90,5 @@ def test_two_gloo_ranks_give_the_single_process_logits_and_greedy_tokens(two_ran
     assert result["logit_scale"] > 1  # not vacuous: the logits are far from zero
     assert result["prefill_error"] <= 1e-5 and result["decode_error"] <= 1e-5, result
     assert result["parallel_tokens"] == result["single_tokens"]
+    assert result["parallel_cached_tokens"] >= 16  # the repeated prompt's prefix was copied on every rank
     assert all(len(tokens) > 0 for tokens in result["single_tokens"])

@@ -60,6 +60,9 @@ def write_tiny_checkpoints(directory: Path) -> dict[str, Path]:
 
 
 PROMPTS = [[(5 * i + 11 * j) % 256 for j in range(9 + 7 * i)] for i in range(3)]
+# The engine's requests: the three prompts, and the longest again, which borrows its first 16-token
+# chunk from the other's slot (a prefix copy, broadcast like a forward).
+ENGINE_PROMPTS = [*PROMPTS, PROMPTS[2]]
 
 
 def compare_with_single_process(rank: int, world: int, address: str, paths: dict[str, Path]) -> dict[str, Any] | None:
@@ -84,40 +87,41 @@ def compare_with_single_process(rank: int, world: int, address: str, paths: dict
         rows = torch.tensor([[7], [42]])
         at = torch.tensor([[tokens.shape[1]], [0]])
         decode = [m(rows, at, torch.tensor([1, 3]), kv_len=tokens.shape[1] + 1) for m in (leader, single)]
-        generated = [_engine_greedy(m) for m in (leader, single)]
+        (parallel_tokens, cached), (single_tokens, _) = (_engine_greedy(m) for m in (leader, single))
         leader.stop()
         results[name] = {
             "prefill_error": float((logits[0] - logits[1]).abs().max()),
             "decode_error": float((decode[0] - decode[1]).abs().max()),
             "logit_scale": float(logits[1].abs().max()),
-            "parallel_tokens": generated[0],
-            "single_tokens": generated[1],
+            "parallel_tokens": parallel_tokens,
+            "single_tokens": single_tokens,
+            "parallel_cached_tokens": cached,
         }
     return results if rank == 0 else None
 
 
-def _engine_greedy(model: Any) -> list[list[int]]:
-    """Greedy tokens of PROMPTS through the engine, all at once (continuous batching, prefix cache on)."""
-    from app.engine import Engine, GenerationRequest
+def _engine_greedy(model: Any) -> tuple[list[list[int]], int]:
+    """Greedy tokens of ENGINE_PROMPTS through the engine, all at once (continuous batching, prefix
+    cache on), and the prompt tokens the prefix cache supplied."""
+    import asyncio
+
+    from app.engine import Engine, GenerationOutput, GenerationRequest
     from model.sampling import SamplingParams
     from model.tokenizer import ByteTokenizer
     from tests.support.engine import ids_of, run
 
-    engine = Engine(model, ByteTokenizer(), max_batch_size=4, max_seq_len=64, prefill_chunk=8)
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4, max_seq_len=64, prefill_chunk=16)
     engine.start()
     try:
 
-        async def generate() -> list[list[int]]:
-            import asyncio
+        async def one(prompt: list[int]) -> list[GenerationOutput]:
+            handle = engine.submit(GenerationRequest(prompt_ids=prompt, sampling=SamplingParams(temperature=0), max_tokens=12))
+            return [output async for output in handle]
 
-            async def one(prompt: list[int]) -> list[int]:
-                handle = engine.submit(
-                    GenerationRequest(prompt_ids=prompt, sampling=SamplingParams(temperature=0), max_tokens=12)
-                )
-                return ids_of([output async for output in handle])
+        async def generate() -> list[list[GenerationOutput]]:
+            return list(await asyncio.gather(*(one(p) for p in ENGINE_PROMPTS)))
 
-            return list(await asyncio.gather(*(one(p) for p in PROMPTS)))
-
-        return run(generate())
+        outputs = run(generate())
+        return [ids_of(o) for o in outputs], sum(o[-1].num_cached_tokens for o in outputs)
     finally:
         engine.shutdown()
