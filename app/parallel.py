@@ -116,7 +116,8 @@ class ParallelRanks:
 
 def load_shard(settings: Settings, rank: int, world: int, address: str | None, model_path: str) -> Any:
     """Join the group and load this rank's shard, rank 0 first: it may write the GGUF weight cache
-    that the others then read, and two ranks must not write one file."""
+    that the others then read, and two ranks must not write one file. Rank 0 gets a LoadedModel
+    (with the tokenizer), the others only the weights."""
     import torch.distributed as dist
 
     import model.checkpoint as checkpoint
@@ -126,7 +127,8 @@ def load_shard(settings: Settings, rank: int, world: int, address: str | None, m
     init_group(rank, world, device, address)
     if rank:
         dist.barrier()
-    loaded = checkpoint.load_model(
+    load = checkpoint.load_weights if rank else checkpoint.load_model
+    loaded = load(
         model_path,
         device=device,
         dtype=settings.resolved_dtype(),
