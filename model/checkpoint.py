@@ -134,13 +134,15 @@ def load_weights(
             quant.resolve_quantization(quantization, device)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
+    presharded = False  # the reader already kept only this rank's slices
     try:
         if path.is_file() and path.suffix == ".gguf":
             cache = Path(cache_dir or default_cache_dir()) if cache_weights else None
             args, state, name, template, reader = read_gguf(path, cache)
         elif path.is_dir() and (path / "params.json").exists():
-            args, state = read_meta(path)
+            args, state = read_meta(path, tensor_parallel)  # sliced per rank while reading: see read_meta
             name, template, reader = path.resolve().name, None, None
+            presharded = tensor_parallel is not None
         elif path.is_dir() and (path / "config.json").exists():
             args, state = read_hf(path)
             name, template, reader = path.resolve().name, read_hf_chat_template(path), None
@@ -167,6 +169,7 @@ def load_weights(
         exact_int4_only=quantization == "auto",
         batch_invariant=batch_invariant,
         tensor_parallel=tensor_parallel,
+        presharded=presharded,
     )
     return LoadedWeights(model, args, name, template, reader, resolved)
 
@@ -182,18 +185,19 @@ def assemble_model(
     exact_int4_only: bool = False,
     batch_invariant: bool = True,
     tensor_parallel: tuple[int, int] | None = None,
+    presharded: bool = False,
 ) -> Transformer:
     """A full state dict (our names) -> the ready network: this rank's shard of it under tensor_parallel,
     projections fused, int4 where asked (`quantization` already resolved), batch invariant, cache set
     up (args.max_batch_size x args.max_seq_len). load_weights' second half; benchmarks call it with
-    random weights."""
+    random weights. presharded: `state` holds this rank's slices already (a reader took them)."""
     build_args = args
     if tensor_parallel is not None:
         try:
             plan = ShardPlan.build(args, *tensor_parallel)
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from e
-        state, build_args = plan.shard_state(state), plan.local_args(args)
+        state, build_args = (state if presharded else plan.shard_state(state)), plan.local_args(args)
         log.info(
             "tensor parallel rank %d/%d: query heads %s, KV heads %s, feed-forward columns %s",
             *tensor_parallel,

@@ -9,6 +9,7 @@ import torch
 from model.args import ModelArgs
 from model.errors import CheckpointError
 from model.gguf_weights import unpermute_rotary
+from model.tensor_parallel import ShardPlan
 
 # How Meta's model-parallel layers split a weight across shards (fairscale): column-parallel along
 # dim 0, row-parallel along dim 1; norms are replicated. The embedding is found by shape (Llama 2
@@ -16,8 +17,14 @@ from model.gguf_weights import unpermute_rotary
 _META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 
-def read_meta(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Args from params.json and the shards merged into one state dict, Q/K rows in rotate_half order."""
+def read_meta(path: Path, tensor_parallel: tuple[int, int] | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Args from params.json and the shards merged into one state dict, Q/K rows in rotate_half order.
+
+    tensor_parallel (rank, world): only this rank's slices (model/tensor_parallel.ShardPlan). One
+    tensor is merged and sliced at a time, so a rank never holds the whole model. When the checkpoint
+    has one shard per rank and Meta's equal split is this plan's, rank r takes its layers from
+    consolidated.r.pth alone, as Meta's `model.py` does.
+    """
     shard_files = sorted(path.glob("consolidated.*.pth"))
     if not shard_files:
         raise CheckpointError(f"{path}: params.json found but no consolidated.*.pth weights")
@@ -26,17 +33,36 @@ def read_meta(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         args = ModelArgs.from_params_json(path / "params.json", tie_word_embeddings="output.weight" not in shards[0])
     except (OSError, ValueError, TypeError, AttributeError) as e:  # ValueError covers JSONDecodeError
         raise CheckpointError(f"{path / 'params.json'}: {e}") from e
-    state = merge_meta_shards(shards, args.dim, path)
-    if "tok_embeddings.weight" not in state:
+    check_same_tensors(shards, path)
+    if "tok_embeddings.weight" not in shards[0]:
         raise CheckpointError(f"{path}: missing tensor tok_embeddings.weight")
     if args.vocab_size <= 0:  # Llama 2 writes vocab_size -1
-        args.vocab_size = int(state["tok_embeddings.weight"].shape[0])
-    for name in list(state):
+        embedding = shards[0]["tok_embeddings.weight"]
+        args.vocab_size = int(embedding.shape[0]) * (len(shards) if embedding.shape[1] == args.dim else 1)
+    plan = None
+    if tensor_parallel is not None:
+        try:
+            plan = ShardPlan.build(args, *tensor_parallel)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+    per_rank = plan is not None and len(shards) == plan.world and plan.is_even_split(args)
+    state: dict[str, torch.Tensor] = {}
+    for name in list(shards[0]):
+        if name == "rope.freqs":  # Llama 2 checkpoints store their rope table; it is recomputed
+            continue
+        parts = [shard[name] for shard in shards]
+        local = per_rank and plan is not None and plan.split(name) is not None
+        if local and plan is not None:  # Meta's shard of this rank is exactly our slice
+            tensor, heads = parts[plan.rank], plan.local_args(args)
+        else:
+            split = meta_split_dim(name, parts[0], args.dim)
+            tensor = parts[0] if split is None or len(parts) == 1 else torch.cat(parts, dim=split)
+            heads = args
         if name.endswith("attention.wq.weight"):
-            state[name] = unpermute_meta(state[name], args.n_heads)
+            tensor = unpermute_meta(tensor, heads.n_heads)
         elif name.endswith("attention.wk.weight"):
-            state[name] = unpermute_meta(state[name], args.n_kv_heads)
-    state.pop("rope.freqs", None)  # Llama 2 checkpoints store their rope table; it is recomputed
+            tensor = unpermute_meta(tensor, heads.n_kv_heads)
+        state[name] = tensor if plan is None or local else plan.shard(name, tensor)
     return args, state
 
 
@@ -54,21 +80,13 @@ def torch_load(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: unreadable checkpoint shard (truncated or corrupt?): {e}") from e
 
 
-def merge_meta_shards(shards: list[dict[str, torch.Tensor]], dim: int, source: Path) -> dict[str, torch.Tensor]:
-    """One state dict from Meta's model-parallel shards (a single shard is returned as it is)."""
-    if len(shards) == 1:
-        return dict(shards[0])
-    names = list(shards[0])
+def check_same_tensors(shards: list[dict[str, torch.Tensor]], source: Path) -> None:
+    """Every model-parallel shard names the same tensors."""
+    names = set(shards[0])
     for i, shard in enumerate(shards[1:], start=1):
-        if set(shard) != set(names):
-            diff = sorted(set(shard) ^ set(names))
+        if set(shard) != names:
+            diff = sorted(set(shard) ^ names)
             raise CheckpointError(f"{source}: shard {i} has different tensors from shard 0: {', '.join(diff[:5])}")
-    merged: dict[str, torch.Tensor] = {}
-    for name in names:
-        parts = [shard[name] for shard in shards]
-        split = meta_split_dim(name, parts[0], dim)
-        merged[name] = parts[0] if split is None else torch.cat(parts, dim=split)
-    return merged
 
 
 def meta_split_dim(name: str, part: torch.Tensor, dim: int) -> int | None:

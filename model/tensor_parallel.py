@@ -91,6 +91,16 @@ class ShardPlan:
         lo, hi = split_evenly(args.hidden_dim // unit, world, rank)
         return cls(rank, world, args.head_dim, q, kv, (lo * unit, hi * unit))
 
+    def is_even_split(self, args: ModelArgs) -> bool:
+        """Whether this rank's heads and columns are the r-th of `world` equal parts: Meta's split
+        (fairscale's column- and row-parallel layers), so Meta's shard r is this rank's slice."""
+
+        def even(total: int, got: tuple[int, int]) -> bool:
+            part = total // self.world
+            return total % self.world == 0 and got == (self.rank * part, (self.rank + 1) * part)
+
+        return even(args.n_heads, self.q_heads) and even(args.n_kv_heads, self.kv_heads) and even(args.hidden_dim, self.hidden)
+
     def local_args(self, args: ModelArgs) -> ModelArgs:
         """The hyper-parameters of this rank's slice: what its Transformer is built with."""
         return dataclasses.replace(

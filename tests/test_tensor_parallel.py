@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,7 +83,7 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict
     return run_ranks(2, compare_with_single_process, checkpoints)[0]
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2", "meta"])
 def test_two_gloo_ranks_give_the_single_process_logits_and_greedy_tokens(two_rank_results: dict[str, Any], name: str) -> None:
     """Prefill of every position and a decode batch in other slots within 1e-5 (float32; only the order
     of the all-reduce's sums differs), and the same greedy tokens through the engine."""
@@ -92,3 +93,34 @@ def test_two_gloo_ranks_give_the_single_process_logits_and_greedy_tokens(two_ran
     assert result["parallel_tokens"] == result["single_tokens"]
     assert result["parallel_cached_tokens"] >= 16  # the repeated prompt's prefix was copied on every rank
     assert all(len(tokens) > 0 for tokens in result["single_tokens"])
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_a_rank_reads_its_slices_of_a_meta_checkpoint(n_shards: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One shard: merged and sliced per tensor; one shard per rank: shard r is rank r's slice, read alone.
+    Either way, the same tensors as slicing the whole checkpoint."""
+    from model.meta_weights import read_meta
+    from tests.support.meta_checkpoint import write_meta_checkpoint
+    from tests.support.oracle import tiny_hf_llama
+
+    path = write_meta_checkpoint(tiny_hf_llama(intermediate=192, scaling_original=8192), tmp_path, n_shards, 0)
+    args, full = read_meta(path)
+    concatenate = torch.cat
+    merged: list[int] = []  # dims of the tensors read_meta concatenates (merges), per rank
+
+    def counting_cat(parts: Any, dim: int = 0) -> torch.Tensor:
+        merged.append(dim)
+        return concatenate(parts, dim=dim)
+
+    for rank in range(2):
+        plan = ShardPlan.build(args, rank, 2)
+        assert plan.is_even_split(args)
+        merged.clear()
+        monkeypatch.setattr(torch, "cat", counting_cat)
+        _, sliced = read_meta(path, (rank, 2))
+        monkeypatch.setattr(torch, "cat", concatenate)
+        # With a shard per rank only the replicated embedding and head are merged; the layers come from shard r.
+        assert len(merged) == (2 if n_shards == 2 else 0)
+        assert sliced.keys() == full.keys()
+        for name, tensor in full.items():
+            assert torch.equal(sliced[name], plan.shard(name, tensor)), name

@@ -13,10 +13,11 @@ import torch
 def write_tiny_checkpoints(directory: Path) -> dict[str, Path]:
     """HF checkpoints of tiny random models, 259 ids (the ByteTokenizer's) so the engine can run them:
     llama2 (multi-head, 4 heads), llama3 (GQA 6 heads / 3 KV heads: an uneven split over 2 ranks, rope
-    scaling) and qwen2 (qkv bias, tied head)."""
+    scaling) and qwen2 (qkv bias, tied head); and meta, a Llama 3 in Meta's format in 2 shards."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from tests.support.oracle import randomise
+    from tests.support.meta_checkpoint import write_meta_checkpoint
+    from tests.support.oracle import randomise, tiny_hf_llama
 
     common: dict[str, Any] = dict(vocab_size=259, num_hidden_layers=2, max_position_embeddings=256)
     models = {
@@ -56,6 +57,8 @@ def write_tiny_checkpoints(directory: Path) -> dict[str, Path]:
         torch.manual_seed(seed)
         randomise(hf_model, seed).save_pretrained(directory / name)
         paths[name] = directory / name
+    # Meta's format, one shard per rank (each rank reads its own, as Meta's model.py does)
+    paths["meta"] = write_meta_checkpoint(tiny_hf_llama(intermediate=192, scaling_original=8192), directory / "meta", 2, 0)
     return paths
 
 
