@@ -33,6 +33,14 @@ log = logging.getLogger("llamaserve")
 T = TypeVar("T")
 
 STALL_S = 120.0  # an engine with work that has not finished a step for this long is reported unhealthy
+HARD_EXIT_GRACE_S = 15.0  # after a tensor-parallel rank died: past the drain timeout plus this, exit regardless
+
+
+def hard_exit(reason: str) -> None:
+    """Exit now with status 1, skipping clean-up that cannot finish (a thread stuck in a collective)."""
+    log.error("%s: still not exited after the drain timeout; exiting now", reason)
+    logging.shutdown()
+    os._exit(1)
 
 
 async def run_in_short_lived_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -195,6 +203,12 @@ class ServerState:
         self.ready.clear()
         if self.on_failure is not None:
             self.on_failure()
+            # NCCL does not fail a collective whose peer died: an engine thread stuck in one would keep
+            # the process alive. The clean exit gets the drain timeout and some grace, then this.
+            grace = self.settings.drain_timeout + HARD_EXIT_GRACE_S
+            timer = threading.Timer(grace, hard_exit, args=(reason,))
+            timer.daemon = True  # a clean exit before it fires is not held up
+            timer.start()
 
     def _configure(self, loaded: LoadedModel) -> None:
         tokenizer = loaded.tokenizer

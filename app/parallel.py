@@ -15,9 +15,11 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,11 +44,13 @@ def world_size(settings: Settings) -> int:
 
 
 def rank_threads(settings: Settings, world: int) -> int | None:
-    """Each rank's torch threads: as set, else the cores shared out (N ranks with all cores each would
-    oversubscribe the machine, and spinning OpenMP threads then slow everyone)."""
+    """Each rank's torch threads: as set (per process), else the cores this process may run on shared
+    out (N ranks with all cores each would oversubscribe them, and spinning OpenMP threads then slow
+    everyone)."""
     if settings.threads:
         return settings.threads
-    return max(1, (os.cpu_count() or 1) // world) if world > 1 else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // world) if world > 1 else None
 
 
 class ParallelRanks:
@@ -95,15 +99,19 @@ class ParallelRanks:
         threading.Thread(target=wait, name="llamaserve-rank-watch", daemon=True).start()
 
     def stop(self) -> None:
-        """Release the followers (after the engine stopped: nothing else runs the model), then reap them."""
+        """Release the followers (after the engine stopped), then reap them: those still running after
+        STOP_TIMEOUT_S (all together) are killed. A step still holding the group (the engine thread
+        stuck in a collective) gets a few seconds; then the followers are killed without a word."""
         self._stopping.set()
         if self.leader is not None and all(process.is_alive() for process in self.processes):
             try:
-                self.leader.stop()
+                if not self.leader.stop():
+                    log.warning("tensor parallel: a step still holds the ranks; stopping them by force")
             except Exception as e:  # noqa: BLE001 - a rank already gone: the processes are reaped below
                 log.warning("tensor parallel: could not tell the followers to stop: %s", e)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         for process in self.processes:
-            process.join(timeout=STOP_TIMEOUT_S)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 log.warning("tensor parallel: %s did not exit; killing it", process.name)
                 process.kill()
@@ -150,6 +158,11 @@ def follower_main(settings_json: str, rank: int, world: int, address: str | None
     from model.threads import configure_threads
 
     settings = Settings.model_validate_json(settings_json)
+    # Ctrl-C and a supervisor's SIGTERM reach the whole process group; rank 0 drains on them and needs
+    # this rank until its STOP, so only that (or SIGKILL) ends a follower. And it dies with its parent.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent()
     configure_memory()
     configure_threads(rank_threads(settings, world))
     logging.basicConfig(
@@ -173,6 +186,20 @@ def follower_main_from_torchrun(settings: Settings) -> int:
         settings = settings.model_copy(update={"model": str(default_model_path(Path(settings.cache_dir)))})
     follower_main(settings.model_dump_json(), launched[0], launched[1], None)
     return 0
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this process soon after its parent is gone, so an orphaned rank never holds a GPU or a port
+    (a thread watching the parent pid: prctl's PR_SET_PDEATHSIG would fire when the parent *thread*
+    that spawned us exits, and rank 0 spawns from a short-lived loading thread)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="llamaserve-parent-watch", daemon=True).start()
 
 
 def free_port() -> int:

@@ -143,7 +143,7 @@ def replicas(model_path: str, clients: int, requests: int, output_tokens: int) -
         ports = [int(free_address().rsplit(":", 1)[1]) for _ in range(2)]
         procs = [start_server(model_path, p, max(1, CORES // 2), Path(tmp) / f"replica{i}.log") for i, p in enumerate(ports)]
         lb_port = int(free_address().rsplit(":", 1)[1])
-        env = {**os.environ, "LLAMASERVE_LB_BIND": f"127.0.0.1:{lb_port}"}
+        env = {**os.environ, "LLAMASERVE_LB_BIND": f"127.0.0.1:{lb_port}", "LLAMASERVE_LB_STATS_BIND": free_address()}
         env.update({f"LLAMASERVE_REPLICA_{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)})
         config = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
         lb = subprocess.Popen([haproxy, "-db", "-f", str(config)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -26,6 +26,8 @@ import dataclasses
 import logging
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -39,11 +41,13 @@ from model.args import ModelArgs
 log = logging.getLogger(__name__)
 
 QUANT_GROUP = 32  # split the feed-forward on int4 group boundaries (model/quant.GROUP_SIZE) when the width allows
-# Collectives wait this long. An idle server's followers wait in a broadcast for the next step, so it is
-# long; a rank that dies is noticed at once anyway, when its sockets close.
+# Collectives wait this long: long, because an idle server's followers wait in a broadcast for the next
+# step (the leader's heartbeat renews it). A rank that dies is noticed at once anyway: gloo's sockets
+# close, and the server watches the processes it spawned.
 COLLECTIVE_TIMEOUT = timedelta(days=7)
+HEARTBEAT_S = 600.0  # an idle leader sends a no-op this often: followers never wait a whole COLLECTIVE_TIMEOUT
 
-_OP_FORWARD, _OP_COPY_PREFIX, _OP_STOP = 1, 2, 3
+_OP_FORWARD, _OP_COPY_PREFIX, _OP_STOP, _OP_CHECK_ROWS, _OP_NOOP = 1, 2, 3, 4, 5
 _HEADER = 8  # int64s: op, then the op's scalars
 
 
@@ -126,13 +130,15 @@ class ShardPlan:
         else:
             return None
         row_parallel = layer in ("wo", "w2")
-        if row_parallel and kind == "bias":  # a row-parallel bias is added once, after the sum: replicated
+        if row_parallel and kind == "bias":  # whole on every rank: `shard` keeps it on rank 0 only (see there)
             return None
         return (1 if row_parallel else 0), start, stop
 
     def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's slice of `tensor`, copied: a memory-mapped source is read for the slice only."""
         split = self.split(name)
+        if split is None and self.rank and re.search(r"\.(wo|w2)\.bias$", name):
+            return torch.zeros_like(tensor)  # each rank adds its bias before the sum: only rank 0's may count
         if split is None:
             return tensor
         dim, start, stop = split
@@ -147,9 +153,9 @@ def exchange_sum(part: torch.Tensor, group: Any = None) -> torch.Tensor:
     """The sum of every rank's `part`, by point-to-point exchange, added in rank order on every rank
     (so every rank gets the same bits, as the residual stream requires).
 
-    Why not gloo's all_reduce: for the small activations of a decode step it costs ~1.6 ms on a 2-core
-    VM, against ~0.3 ms for one isend/irecv pair (bench: docs/performance.md, tensor parallelism), and a
-    step has two per layer. Each rank sends its part to every other, so this is for a few ranks.
+    Why not gloo's all_reduce: on a decode row's activations it took 1.9 ms on a 2-core VM against
+    0.7 ms for this (bench/scale_out.py; docs/scale-out.md), and a step has two per layer. Each rank
+    sends its part to every other, so this is for a few ranks.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     part = part.contiguous()
@@ -200,18 +206,27 @@ def parallelize(model: nn.Module, group: Any = None) -> None:
 class ParallelLeader:
     """Rank 0's model: each call is sent to the other ranks, then run on this rank's shard.
 
-    It has the engine's model protocol (app/engine/model_runner.CausalLM) plus `copy_prefix`, and
-    deliberately no `model` or `layers`: the engine's start-up checks that run the model directly would
-    run on rank 0 alone and leave the others waiting in a collective.
+    It has the engine's model protocol (app/engine/model_runner.CausalLM) plus `copy_prefix` and
+    `prefill_rows_independent`, and deliberately no `model` or `layers`: a check that ran the model
+    directly would run on rank 0 alone and leave the others waiting in a collective.
+
+    Calls hold a lock, so the collectives of one call never interleave with another thread's: the
+    heartbeat's (a no-op sent when the group has been idle for HEARTBEAT_S, so that a follower waiting
+    for work never reaches the collective timeout) and the final stop's.
     """
 
-    def __init__(self, shard: Any, group: Any = None) -> None:
+    def __init__(self, shard: Any, group: Any = None, heartbeat_s: float | None = None) -> None:
         self.shard = shard
         self.group = group
         self.max_batch_size: int = shard.max_batch_size
         self.max_seq_len: int = shard.max_seq_len
         self.batch_invariant: bool = getattr(shard, "batch_invariant", False)
         self.stopped = False
+        self._lock = threading.Lock()
+        self._last_call = time.monotonic()
+        self._heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+        self._done = threading.Event()
+        threading.Thread(target=self._heartbeat, name="llamaserve-tp-heartbeat", daemon=True).start()
 
     @property
     def vocab_size(self) -> int:
@@ -231,24 +246,55 @@ class ParallelLeader:
         all_logits: bool = False,
     ) -> torch.Tensor:
         rows, columns = tokens.shape
-        self._send([_OP_FORWARD, rows, columns, kv_len, int(all_logits), int(slots is not None)])
-        dist.broadcast(tokens.contiguous(), src=0, group=self.group)
-        dist.broadcast(positions.contiguous(), src=0, group=self.group)
-        if slots is not None:
-            dist.broadcast(slots.contiguous(), src=0, group=self.group)
-        return self.shard(tokens, positions, slots, kv_len=kv_len, all_logits=all_logits)
+        with self._lock:
+            self._send([_OP_FORWARD, rows, columns, kv_len, int(all_logits), int(slots is not None)])
+            dist.broadcast(tokens.contiguous(), src=0, group=self.group)
+            dist.broadcast(positions.contiguous(), src=0, group=self.group)
+            if slots is not None:
+                dist.broadcast(slots.contiguous(), src=0, group=self.group)
+            return self.shard(tokens, positions, slots, kv_len=kv_len, all_logits=all_logits)
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
-        self._send([_OP_COPY_PREFIX, source, target, length])
-        self.shard.copy_prefix(source, target, length)
+        with self._lock:
+            self._send([_OP_COPY_PREFIX, source, target, length])
+            self.shard.copy_prefix(source, target, length)
 
-    def stop(self) -> None:
-        """Release the followers (they return from `follow`); safe to call twice."""
-        if not self.stopped:
-            self.stopped = True
-            self._send([_OP_STOP])
+    def prefill_rows_independent(self) -> bool:
+        """model/invariance.py's check, run on every rank in step (its forwards hold collectives), true
+        only if it holds on every rank: each rank's keys and values are its own."""
+        with self._lock:
+            self._send([_OP_CHECK_ROWS])
+            return rows_independent_everywhere(self.shard, self.group)
+
+    def stop(self, wait_s: float = 5.0) -> bool:
+        """Release the followers (they return from `follow`); safe to call twice. False when a call
+        still held the group after wait_s (a stuck collective): then the caller kills the followers."""
+        self._done.set()
+        if not self._lock.acquire(timeout=wait_s):
+            return False
+        try:
+            if not self.stopped:
+                self.stopped = True
+                self._send([_OP_STOP])
+            return True
+        finally:
+            self._lock.release()
+
+    def _heartbeat(self) -> None:
+        while not self._done.wait(timeout=min(self._heartbeat_s, 60.0)):
+            if time.monotonic() - self._last_call < self._heartbeat_s or not self._lock.acquire(blocking=False):
+                continue
+            try:
+                if not self.stopped:
+                    self._send([_OP_NOOP])
+            except Exception as e:  # noqa: BLE001 - a dead rank: the server's watcher reports it
+                log.warning("tensor parallel: heartbeat failed: %s", e)
+                return
+            finally:
+                self._lock.release()
 
     def _send(self, values: list[int]) -> None:
+        self._last_call = time.monotonic()
         header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
         header[: len(values)] = torch.tensor(values, dtype=torch.int64)
         dist.broadcast(header, src=0, group=self.group)
@@ -268,9 +314,14 @@ def follow(shard: Any, group: Any = None) -> int:
         op, *values = header.tolist()
         if op == _OP_STOP:
             return calls
+        if op == _OP_NOOP:  # the leader's heartbeat
+            continue
         calls += 1
         if op == _OP_COPY_PREFIX:
             shard.copy_prefix(values[0], values[1], values[2])
+            continue
+        if op == _OP_CHECK_ROWS:
+            rows_independent_everywhere(shard, group)
             continue
         if op != _OP_FORWARD:
             raise RuntimeError(f"unknown tensor-parallel op {op}")
@@ -289,6 +340,15 @@ def follow(shard: Any, group: Any = None) -> int:
             pass
 
 
+def rows_independent_everywhere(shard: Any, group: Any = None) -> bool:
+    """`prefill_rows_independent` on this rank's shard, and'ed over the ranks (the minimum of 0/1)."""
+    from model.invariance import prefill_rows_independent
+
+    verdict = torch.tensor([int(prefill_rows_independent(shard))], device=shard.device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
+    return bool(verdict.item())
+
+
 def backend_for(device: str | torch.device) -> str:
     """NCCL between GPUs, gloo between CPU processes."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
@@ -304,15 +364,18 @@ def init_group(rank: int, world: int, device: str | torch.device, address: str |
     if dist.is_initialized():
         return
     if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device).index or rank % torch.cuda.device_count())
+        torch.cuda.set_device(torch.device(device))
     init_method = f"tcp://{address}" if address else "env://"
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     log.info("tensor parallel: rank %d of %d joined (%s)", rank, world, dist.get_backend())
 
 
 def device_for_rank(device: str | torch.device, rank: int) -> torch.device:
-    """On CUDA each rank takes its own GPU (cuda -> cuda:rank); on CPU all share the host."""
+    """On CUDA each rank takes its own GPU (cuda -> cuda:rank); on CPU all share the host. ValueError
+    for one named GPU (cuda:N): the ranks would all land on it."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
-    return device
+    if device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise ValueError(f"tensor parallelism puts rank r on cuda:r: give --device cuda (or auto), not {device}")
+    return torch.device("cuda", rank)

@@ -38,11 +38,11 @@ def follower_pids(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie awaiting its parent)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}").exists() else "X"
     return state not in ("Z", "X")
 
 
@@ -56,15 +56,18 @@ def tp_server(smollm2_path: Path, tmp_path: Path) -> Iterator[tuple[str, subproc
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    followers: list[int] = []
     try:
         wait_healthy(url, proc, log, timeout=120)
+        followers = follower_pids(proc.pid)  # now, while they are the server's children
         yield url, proc, log
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
-        for pid in follower_pids(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        for pid in followers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_two_ranks_serve_the_golden_answer_stream_and_stop_together(tp_server: tuple[str, subprocess.Popen[Any], Path]) -> None:

@@ -3,6 +3,7 @@ servers (the default model), a rolling restart under streaming load, and not one
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -147,13 +148,13 @@ class Load:
 
 
 @pytest.fixture
-def balanced(smollm2_path: Path, tmp_path: Path) -> Iterator[tuple[str, list[Replica]]]:
+def balanced(smollm2_path: Path, tmp_path: Path) -> Iterator[tuple[str, str, list[Replica]]]:
     binary = haproxy()
     replicas = [Replica(smollm2_path, free_port(), tmp_path, f"replica{i + 1}") for i in range(2)]
     for replica in replicas:
         replica.start()
-    lb_port = free_port()
-    env = {**os.environ, "LLAMASERVE_LB_BIND": f"127.0.0.1:{lb_port}"}
+    lb_port, stats_port = free_port(), free_port()
+    env = {**os.environ, "LLAMASERVE_LB_BIND": f"127.0.0.1:{lb_port}", "LLAMASERVE_LB_STATS_BIND": f"127.0.0.1:{stats_port}"}
     env.update({f"LLAMASERVE_REPLICA_{i + 1}": f"127.0.0.1:{r.port}" for i, r in enumerate(replicas)})
     lb_log = tmp_path / "haproxy.log"
     with lb_log.open("w") as out:
@@ -166,12 +167,24 @@ def balanced(smollm2_path: Path, tmp_path: Path) -> Iterator[tuple[str, list[Rep
         while not _served(url):
             assert lb.poll() is None and time.monotonic() < deadline, lb_log.read_text()
             time.sleep(0.2)
-        yield url, replicas
+        yield url, f"http://127.0.0.1:{stats_port}", replicas
     finally:
         lb.kill()
         lb.wait(timeout=10)
         for replica in replicas:
             replica.stop()
+
+
+def wait_all_up(stats: str, names: list[str], timeout: float = 30) -> None:
+    """Until haproxy's stats page says every named replica is UP (its health checks passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = list(csv.reader(httpx.get(f"{stats}/stats;csv", timeout=5).text.lstrip("# ").splitlines()))
+        status = {row[1]: row[rows[0].index("status")] for row in rows[1:] if row and row[0] == "replicas"}
+        if all(status.get(name) == "UP" for name in names):
+            return
+        assert time.monotonic() < deadline, f"replicas not all UP in haproxy: {status}"
+        time.sleep(0.1)
 
 
 def _served(url: str) -> bool:
@@ -182,27 +195,39 @@ def _served(url: str) -> bool:
         return False
 
 
-def test_a_rolling_restart_under_streaming_load_shows_clients_no_error(balanced: tuple[str, list[Replica]]) -> None:
-    url, replicas = balanced
+def record_exit(proc: subprocess.Popen[Any], exited: list[float]) -> None:
+    """Append the time `proc` exits (timed apart from whatever the caller does meanwhile)."""
+    proc.wait(timeout=DRAIN_TIMEOUT_S + 30)
+    exited.append(time.monotonic())
+
+
+def test_a_rolling_restart_under_streaming_load_shows_clients_no_error(balanced: tuple[str, str, list[Replica]]) -> None:
+    url, stats, replicas = balanced
+    names = [f"replica{i + 1}" for i in range(len(replicas))]
     with Load(url, clients=4) as load:
         for replica in replicas:
+            wait_all_up(stats, names)  # as in a real roll: the next replica goes once the last is back
             deadline = time.monotonic() + 30
             while replica.running() == 0:  # drain it with requests in flight, the case that matters
                 assert time.monotonic() < deadline, "the balancer sent this replica nothing"
                 time.sleep(0.05)
             served_before = load.ok
             assert replica.proc is not None
-            replica.proc.send_signal(signal.SIGTERM)
+            proc = replica.proc
+            exited: list[float] = []
+            watcher = threading.Thread(target=record_exit, args=(proc, exited))
+            proc.send_signal(signal.SIGTERM)
             stopped = time.monotonic()
+            watcher.start()
             load.burst(6)  # lands before the balancer's next health check: some reach the draining replica
-            code = replica.proc.wait(timeout=DRAIN_TIMEOUT_S + 20)
-            assert code == 0, replica.log.read_text()
-            assert time.monotonic() - stopped <= DRAIN_TIMEOUT_S + 5, "the drained replica overran its drain timeout"
+            watcher.join(timeout=DRAIN_TIMEOUT_S + 40)
+            assert exited and proc.returncode == 0, replica.log.read_text()
+            assert exited[0] - stopped <= DRAIN_TIMEOUT_S + 5, "the drained replica overran its drain timeout"
             assert "draining" in replica.log.read_text()
             replica.start()
             replica.wait_ready()
-            time.sleep(1.5)  # two health checks (rise 2, every 0.5 s): back in the balancer
             assert load.ok > served_before  # the other replica kept serving meanwhile
+        wait_all_up(stats, names)
         time.sleep(2)
     assert not load.errors, load.errors[:5]
     assert load.ok >= 20

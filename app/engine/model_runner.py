@@ -93,6 +93,9 @@ class ModelRunner:
 
     def prefill_rows_independent(self) -> bool:
         """model/invariance.py's check on the real model (slot 0; before serving); False for models without caches."""
+        own_check = getattr(self.model, "prefill_rows_independent", None)  # tensor parallel: on every rank at once
+        if callable(own_check):
+            return bool(own_check())
         target = getattr(self.model, "model", self.model)  # StaticStep wraps the Transformer; prefill runs eager
         return hasattr(target, "layers") and prefill_rows_independent(target)
 

@@ -72,17 +72,23 @@ def compare_with_single_process(rank: int, world: int, address: str, paths: dict
     """For each checkpoint, on rank 0: the sharded model's logits and greedy engine tokens, and the
     single-process model's (other ranks follow). Float32, batch invariant, as the server runs."""
     from model.checkpoint import load_weights
+    from model.invariance import prefill_rows_independent
     from model.tensor_parallel import ParallelLeader, follow, init_group
 
     init_group(rank, world, "cpu", address)
     results = {}
     for name, path in paths.items():
-        shard = load_weights(path, max_batch_size=4, max_seq_len=64, tensor_parallel=(rank, world)).model
+        # 96 positions: room for the prefix cache's row-independence check (80 tokens), which the engine
+        # runs on every rank in step at start-up
+        shard = load_weights(path, max_batch_size=4, max_seq_len=96, tensor_parallel=(rank, world)).model
         if rank:
             follow(shard)
             continue
-        leader = ParallelLeader(shard)
-        single = load_weights(path, max_batch_size=4, max_seq_len=64).model
+        # A heartbeat every 0.1 s of idleness: it interleaves with the calls below (and fires while rank 0
+        # runs the single-process model), so its no-ops and the calls' lock are exercised.
+        leader = ParallelLeader(shard, heartbeat_s=0.1)
+        single = load_weights(path, max_batch_size=4, max_seq_len=96).model
+        rows_independent = leader.prefill_rows_independent(), prefill_rows_independent(single)
         tokens = torch.tensor(PROMPTS[2])[None]
         positions = torch.arange(tokens.shape[1])[None]
         logits = [m(tokens, positions, torch.tensor([1]), kv_len=tokens.shape[1], all_logits=True) for m in (leader, single)]
@@ -99,6 +105,7 @@ def compare_with_single_process(rank: int, world: int, address: str, paths: dict
             "parallel_tokens": parallel_tokens,
             "single_tokens": single_tokens,
             "parallel_cached_tokens": cached,
+            "rows_independent": rows_independent,
         }
     return results if rank == 0 else None
 
@@ -113,7 +120,7 @@ def _engine_greedy(model: Any) -> tuple[list[list[int]], int]:
     from model.tokenizer import ByteTokenizer
     from tests.support.engine import ids_of, run
 
-    engine = Engine(model, ByteTokenizer(), max_batch_size=4, max_seq_len=64, prefill_chunk=16)
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4, max_seq_len=96, prefill_chunk=16)
     engine.start()
     try:
 
