@@ -153,8 +153,8 @@ def exchange_sum(part: torch.Tensor, group: Any = None) -> torch.Tensor:
     """The sum of every rank's `part`, by point-to-point exchange, added in rank order on every rank
     (so every rank gets the same bits, as the residual stream requires).
 
-    Why not gloo's all_reduce: on a decode row's activations it took 1.9 ms on a 2-core VM against
-    0.7 ms for this (bench/scale_out.py; docs/scale-out.md), and a step has two per layer. Each rank
+    Why not gloo's all_reduce: on a decode row's activations it took 1.6-1.9 ms on a 2-core VM against
+    0.7-0.9 ms for this (bench/scale_out.py; docs/scale-out.md), and a step has two per layer. Each rank
     sends its part to every other, so this is for a few ranks.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
