@@ -107,3 +107,33 @@ def test_a_dead_rank_turns_health_red_and_the_server_exits(tp_server: tuple[str,
     if 503 in codes:  # once it noticed, never healthy again (it may also exit before a poll sees it)
         assert 200 not in codes[codes.index(503) :], codes
     assert "tensor-parallel rank 1 exited" in log.read_text()
+
+
+def test_under_torchrun_rank_0_serves_and_the_others_follow(smollm2_path: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m app`: the launcher starts both ranks; SIGTERM to it stops them all."""
+    port, master = free_port(), free_port()
+    log = tmp_path / "torchrun.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    command += ["--master-addr", "127.0.0.1", "--master-port", str(master), "-m", "app", "--model", str(smollm2_path)]
+    command += ["--port", str(port), "--quantization", "none", "--no-compile", "--max-batch-size", "2", "--max-seq-len", "256"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log, timeout=120)
+        ranks = children(proc.pid)
+        assert len(ranks) == 2, log.read_text()
+        body = {"model": "SmolLM2-135M-Instruct", "prompt": GOLDEN_PROMPT, "max_tokens": 20, "temperature": 0}
+        choice = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        assert choice["text"] == "The capital of France is Paris."
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in ranks), log.read_text()
+        assert "rank 1 stopped after" in log.read_text()  # released by rank 0's STOP, not killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
