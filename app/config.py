@@ -110,6 +110,18 @@ class Settings(BaseSettings):
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
+    def load_options(self) -> dict[str, Any]:
+        """What model.checkpoint.load_model takes from the settings, the device apart (each
+        tensor-parallel rank has its own)."""
+        return {
+            "dtype": self.resolved_dtype(),
+            "max_batch_size": self.max_batch_size,
+            "max_seq_len": self.max_seq_len,
+            "quantization": self.quantization,
+            "batch_invariant": self.batch_invariant,
+            "cache_dir": self.cache_dir,
+        }
+
     def resolved_dtype(self) -> torch.dtype:
         import torch
 

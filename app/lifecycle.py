@@ -79,16 +79,8 @@ def load_checkpoint(settings: Settings) -> LoadedModel:
     path = settings.model or str(ensure_default_model(settings.cache_dir))
     log.info("loading %s on %s (%s)", path, settings.resolved_device(), settings.resolved_dtype())
     start = time.monotonic()
-    loaded = checkpoint.load_model(  # looked up at call time: tests stand in a fake
-        path,
-        device=settings.resolved_device(),
-        dtype=settings.resolved_dtype(),
-        max_batch_size=settings.max_batch_size,
-        max_seq_len=settings.max_seq_len,
-        quantization=settings.quantization,
-        batch_invariant=settings.batch_invariant,
-        cache_dir=settings.cache_dir,
-    )
+    # looked up at call time: tests stand in a fake
+    loaded = checkpoint.load_model(path, device=settings.resolved_device(), **settings.load_options())
     log_loaded(loaded, start)
     return loaded
 

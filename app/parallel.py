@@ -136,17 +136,7 @@ def load_shard(settings: Settings, rank: int, world: int, address: str | None, m
     if rank:
         dist.barrier()
     load = checkpoint.load_weights if rank else checkpoint.load_model
-    loaded = load(
-        model_path,
-        device=device,
-        dtype=settings.resolved_dtype(),
-        max_batch_size=settings.max_batch_size,
-        max_seq_len=settings.max_seq_len,
-        quantization=settings.quantization,
-        batch_invariant=settings.batch_invariant,
-        cache_dir=settings.cache_dir,
-        tensor_parallel=(rank, world),
-    )
+    loaded = load(model_path, device=device, tensor_parallel=(rank, world), **settings.load_options())
     if not rank:
         dist.barrier()
     return loaded

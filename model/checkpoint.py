@@ -25,7 +25,7 @@ from model.hf_weights import read_hf, read_hf_chat_template
 from model.invariance import make_batch_invariant
 from model.llama import Transformer
 from model.meta_weights import read_meta
-from model.tensor_parallel import ShardPlan, parallelize
+from model.tensor_parallel import checkpoint_plan, parallelize
 from model.tokenizer import Tokenizer, tokenizer_from_dir, tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
@@ -193,10 +193,7 @@ def assemble_model(
     random weights. presharded: `state` holds this rank's slices already (a reader took them)."""
     build_args = args
     if tensor_parallel is not None:
-        try:
-            plan = ShardPlan.build(args, *tensor_parallel)
-        except ValueError as e:
-            raise CheckpointError(f"{source}: {e}") from e
+        plan = checkpoint_plan(args, tensor_parallel, source)
         state, build_args = (state if presharded else plan.shard_state(state)), plan.local_args(args)
         log.info(
             "tensor parallel rank %d/%d: query heads %s, KV heads %s, feed-forward columns %s",

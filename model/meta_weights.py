@@ -9,7 +9,7 @@ import torch
 from model.args import ModelArgs
 from model.errors import CheckpointError
 from model.gguf_weights import unpermute_rotary
-from model.tensor_parallel import ShardPlan
+from model.tensor_parallel import checkpoint_plan
 
 # How Meta's model-parallel layers split a weight across shards (fairscale): column-parallel along
 # dim 0, row-parallel along dim 1; norms are replicated. The embedding is found by shape (Llama 2
@@ -41,10 +41,7 @@ def read_meta(path: Path, tensor_parallel: tuple[int, int] | None = None) -> tup
         args.vocab_size = int(embedding.shape[0]) * (len(shards) if embedding.shape[1] == args.dim else 1)
     plan = None
     if tensor_parallel is not None:
-        try:
-            plan = ShardPlan.build(args, *tensor_parallel)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from e
+        plan = checkpoint_plan(args, tensor_parallel, path)
     per_rank = plan is not None and len(shards) == plan.world and plan.is_even_split(args)
     state: dict[str, torch.Tensor] = {}
     for name in list(shards[0]):

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.args import ModelArgs
+from model.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,14 @@ def exchange_sum(part: torch.Tensor, group: Any = None) -> torch.Tensor:
     for other in parts[1:]:
         total += other
     return total
+
+
+def checkpoint_plan(args: ModelArgs, tensor_parallel: tuple[int, int], source: Any) -> ShardPlan:
+    """ShardPlan.build for a checkpoint's loader: a shape that does not split is the checkpoint's error."""
+    try:
+        return ShardPlan.build(args, *tensor_parallel)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from e
 
 
 class AllReduced(nn.Module):

@@ -98,16 +98,7 @@ class Load:
 
         def send(i: int) -> None:
             with httpx.Client(base_url=self.url, timeout=60) as client:
-                body = {"model": MODEL, "prompt": f"Burst {i}", "max_tokens": 4, "stream": False}
-                try:
-                    error = self._one(client, body)
-                except httpx.HTTPError as e:
-                    error = f"{type(e).__name__}: {e}"
-            with self._lock:
-                if error:
-                    self.errors.append(error)
-                else:
-                    self.ok += 1
+                self._send(client, {"model": MODEL, "prompt": f"Burst {i}", "max_tokens": 4, "stream": False})
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(requests)]
         for thread in threads:
@@ -121,16 +112,21 @@ class Load:
             while not self._stop.is_set():
                 n += 1
                 stream = (index + n) % 2 == 0
-                body = {"model": MODEL, "prompt": f"Story {index}-{n}: once upon a time", "max_tokens": 16, "stream": stream}
-                try:
-                    error = self._one(client, body)
-                except httpx.HTTPError as e:
-                    error = f"{type(e).__name__}: {e}"
-                with self._lock:
-                    if error:
-                        self.errors.append(error)
-                    else:
-                        self.ok += 1
+                self._send(
+                    client, {"model": MODEL, "prompt": f"Story {index}-{n}: once upon a time", "max_tokens": 16, "stream": stream}
+                )
+
+    def _send(self, client: httpx.Client, body: dict[str, Any]) -> None:
+        """One request, counted as ok or as an error."""
+        try:
+            error = self._one(client, body)
+        except httpx.HTTPError as e:
+            error = f"{type(e).__name__}: {e}"
+        with self._lock:
+            if error:
+                self.errors.append(error)
+            else:
+                self.ok += 1
 
     @staticmethod
     def _one(client: httpx.Client, body: dict[str, Any]) -> str | None:

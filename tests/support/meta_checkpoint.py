@@ -8,23 +8,14 @@ from pathlib import Path
 
 import torch
 
+from model.hf_weights import hf_to_ours
+
 
 def interleave_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF rotate_half rows -> Meta's interleaved pairs (llama.cpp's `LlamaModel.permute`)."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_META_NAMES = {
-    "self_attn.q_proj": "attention.wq",
-    "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3",
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
 # fairscale: ColumnParallelLinear splits dim 0, RowParallelLinear dim 1, norms are replicated.
 _META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
@@ -34,21 +25,12 @@ def meta_state_dict(reference) -> dict[str, torch.Tensor]:  # type: ignore[no-un
     config = reference.config
     out: dict[str, torch.Tensor] = {}
     for name, tensor in reference.state_dict().items():
-        if name == "model.embed_tokens.weight":
-            out["tok_embeddings.weight"] = tensor
-        elif name == "model.norm.weight":
-            out["norm.weight"] = tensor
-        elif name == "lm_head.weight":
-            out["output.weight"] = tensor
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            ours = f"layers.{layer}.{_META_NAMES[module]}.{kind}"
-            if module == "self_attn.q_proj":
-                tensor = interleave_rotary(tensor, config.num_attention_heads)
-            elif module == "self_attn.k_proj":
-                tensor = interleave_rotary(tensor, config.num_key_value_heads)
-            out[ours] = tensor
+        ours = hf_to_ours(name)  # our names are Meta's
+        if ours.endswith("attention.wq.weight"):
+            tensor = interleave_rotary(tensor, config.num_attention_heads)
+        elif ours.endswith("attention.wk.weight"):
+            tensor = interleave_rotary(tensor, config.num_key_value_heads)
+        out[ours] = tensor
     return out
 
 
