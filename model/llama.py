@@ -262,7 +262,8 @@ class Transformer(nn.Module):
 
     def check_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int | None) -> int:
         """The kv_len to use; bad input is an error here, not an index error deep in the cache or,
-        worse (kv_len too small), queries that silently miss their own keys."""
+        worse (kv_len too small), queries that silently miss their own keys. Columns at the scratch
+        position are padding (several prompts' chunks in one forward): their keys are never read."""
         if tokens.dim() != 2 or tokens.shape != positions.shape or tokens.numel() == 0:
             raise ValueError(
                 f"tokens {list(tokens.shape)} and positions {list(positions.shape)} must be the same (B, T) shape, T >= 1"
@@ -274,7 +275,10 @@ class Transformer(nn.Module):
         rows = positions.shape[0] if slots is None else int(slots.max()) + 1
         if rows > self.max_batch_size or (slots is not None and int(slots.min()) < 0):
             raise ValueError(f"slots must be in [0, {self.max_batch_size}) (slots=None: one row per slot)")
-        low, high = int(positions.min()), int(positions.max())
+        real = positions[positions != self.scratch_position]  # the rest pad a packed prefill (invariance.packed_prefill_inputs)
+        if real.numel() == 0:
+            raise ValueError("every position is the scratch position: nothing to compute")
+        low, high = int(real.min()), int(real.max())
         if low < 0 or high >= self.max_seq_len:
             raise ValueError(f"positions must be in [0, {self.max_seq_len}), got {low}..{high}")
         if kv_len is None:
@@ -346,7 +350,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, slots, positions, mask) if block is None else block(layer, h, cos, sin, slots, positions, mask)
         h = h[:rows]
         h = self.norm(h if all_logits else h[:, (columns or tokens.shape[1]) - 1])
-        if self.batch_invariant and tokens.shape[1] == 1:  # decode rows: fixed-shape GEMMs
+        # Decode rows, and the last column of prefill rows (several prompts may share a forward): fixed-shape GEMMs.
+        if self.batch_invariant and (tokens.shape[1] == 1 or not all_logits):
             rows_2d = h.reshape(-1, h.shape[-1])  # (B, D); (B, 1, D) when every position's logits are asked for
             if self.head_column_tile:
                 logits = head_logits(rows_2d, self.head_weight(), self.head_column_tile)

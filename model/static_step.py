@@ -90,6 +90,10 @@ class StaticStep:
     def batch_invariant(self) -> bool:
         return self.model.batch_invariant
 
+    @property
+    def scratch_position(self) -> int:
+        return self.model.scratch_position
+
     def __call__(
         self,
         tokens: torch.Tensor,

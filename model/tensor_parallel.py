@@ -245,6 +245,10 @@ class ParallelLeader:
     def device(self) -> torch.device:
         return self.shard.device
 
+    @property
+    def scratch_position(self) -> int:
+        return int(self.shard.scratch_position)
+
     def __call__(
         self,
         tokens: torch.Tensor,

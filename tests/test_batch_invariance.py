@@ -18,8 +18,19 @@ import torch
 from app.engine import Engine, GenerationOutput, GenerationRequest
 from model import quant
 from model.checkpoint import load_model
-from model.invariance import KV_BLOCK, TiledLinear, head_logits, head_tile, make_batch_invariant, row_tile, tiled_linear
+from model.invariance import (
+    KV_BLOCK,
+    TiledLinear,
+    head_logits,
+    head_tile,
+    make_batch_invariant,
+    packed_prefill_inputs,
+    prefill_rows_independent,
+    row_tile,
+    tiled_linear,
+)
 from model.sampling import SamplingParams
+from model.tokenizer import ByteTokenizer
 from tests.support.engine import collect, run
 from tests.support.models import tiny_model
 
@@ -75,6 +86,44 @@ def test_decode_logits_are_the_same_bits_alone_and_in_any_batch(int4: bool) -> N
     for step, (a, b, c) in enumerate(zip(alone, together, pair)):
         assert torch.equal(a, b), f"step {step}: alone vs batch of 6 differ by {(a - b).abs().max():.3g}"
         assert torch.equal(a, c), f"step {step}: alone vs batch of 2 differ by {(a - c).abs().max():.3g}"
+
+
+def test_packed_prefill_rows_get_the_bits_of_their_own_forwards() -> None:
+    """Several prompts' chunks in one forward (left-padded: model/invariance.packed_prefill_inputs) give each
+    row the keys, values and last logits of its chunk alone -- next to longer and shorter rows, and with
+    another row's keys past a 512-key block. Not by construction: the engine packs only where
+    `prefill_rows_independent` found it so on this machine, so that verdict must predict these cases."""
+    model = invariant_tiny()
+    independent = prefill_rows_independent(model)
+    generator = torch.Generator().manual_seed(2)
+    long, short, middle = (torch.randint(0, 259, (n,), generator=generator).tolist() for n in (650, 40, 130))
+    slots = [1, 2, 4]
+    chunks = [(long[600:], 600), (short, 0), (middle[100:], 100)]  # long's keys need a second block
+
+    def keys_and_logits(packed: bool) -> list[torch.Tensor]:
+        for prompt, slot, n in ((long, 1, 600), (middle, 4, 100)):  # the cached prefixes, each alone
+            model(torch.tensor([prompt[:n]]), torch.arange(n)[None], torch.tensor([slot]))
+        if packed:
+            tokens, positions = packed_prefill_inputs(chunks, model.scratch_position)
+            logits = model(tokens, positions, torch.tensor(slots), kv_len=650)
+        else:
+            alone = [
+                (torch.tensor([ids]), torch.arange(at, at + len(ids))[None], torch.tensor([slot]))
+                for (ids, at), slot in zip(chunks, slots)
+            ]
+            logits = torch.cat([model(*row) for row in alone])
+        caches = [layer.attention.cache for layer in model.layers]
+        held = [c.k[slot, :, : at + len(ids)].clone() for (ids, at), slot in zip(chunks, slots) for c in caches]
+        return [logits, *held]
+
+    alone, together = keys_and_logits(False), keys_and_logits(True)
+    assert len(alone) == len(together) == 1 + 3 * len(model.layers)
+    same = all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert same or not independent, "the check passed, yet packed rows differ from their own forwards"
+    engine = Engine(model, ByteTokenizer(), max_batch_size=6, max_seq_len=1100)
+    engine.start()
+    engine.shutdown()
+    assert engine.runner.pack_prefill == independent, "the engine packs exactly where the check passed"
 
 
 @pytest.mark.parametrize("shape", [(300, 96), (64, 64), (1536, 576), (576, 1536), (49152, 576)])

@@ -73,6 +73,24 @@ def test_prefill_budget_is_whole_chunks_cut_from_each_prompts_start() -> None:
     assert [(c.request, c.start, c.length, c.last) for c in plan.prefill] == [(long, 16, 4, True), (short, 0, 3, True)]
 
 
+@pytest.mark.parametrize("independent", [False, True])
+def test_a_cached_prompts_rest_crosses_a_chunk_boundary_in_one_chunk_where_rows_are_independent(independent: bool) -> None:
+    from app.engine.prefix_cache import PrefixCache
+
+    cache = PrefixCache(2, chunk=64, rows_independent=independent)
+    s = Scheduler(2, 64, 16, threading.Condition(), cache)
+    crossing, short_tail = request(0, 64 + 20), request(1, 64 + 10)
+    for r in (crossing, short_tail):
+        r.num_cached = 50  # what the cache gave them (admission would set it)
+        s.add(r)
+    s.schedule()
+    for r in (crossing, short_tail):
+        r.num_cached = 50
+    chunks = [(c.request, c.start, c.length) for c in s._prefill_chunks([])]
+    # 20 tokens past the boundary run dense in a cold prefill too; 10 would not (other kernels): cut there.
+    assert chunks == ([(crossing, 50, 34), (short_tail, 50, 14)] if independent else [(crossing, 50, 14), (short_tail, 50, 14)])
+
+
 def test_prompt_done_means_decoding_and_decode_rows_are_in_slot_order() -> None:
     s = scheduler(slots=2, chunk=8)
     a, b = request(0, 2), request(1, 2)
@@ -183,3 +201,74 @@ def test_the_engine_trims_the_heap_when_it_runs_out_of_work(monkeypatch: pytest.
     engine.shutdown()
     assert len(trims) == 2, "one trim per idle spell"
     assert trims[0] >= 5 and trims[1] >= trims[0] + 5, "trimmed after the work, not between its steps"
+
+
+# ---------------------------------------------------------------- the step's two halves, packed prefill
+
+
+class GatedDecode:
+    """The tiny model, whose first decode forward after a prefill of `gate_width` tokens waits for `release`:
+    the decode forward of the step that read that prompt, run after its first token was sampled."""
+
+    def __init__(self, model: Any, gate_width: int) -> None:
+        self.model = model
+        self.max_batch_size, self.max_seq_len = model.max_batch_size, model.max_seq_len
+        self.vocab_size, self.device = model.vocab_size, model.device
+        self.gate_width = gate_width
+        self.release = threading.Event()
+        self.armed = False
+        self.waited = False
+
+    def __call__(self, tokens: Any, positions: Any, slots: Any = None, **kwargs: Any) -> Any:
+        if tokens.shape[1] == self.gate_width:
+            self.armed = True
+        elif tokens.shape[1] == 1 and self.armed:
+            self.armed = False
+            self.waited = self.release.wait(timeout=20)
+        return self.model(tokens, positions, slots, **kwargs)
+
+
+def test_a_new_request_gets_its_first_token_before_the_running_rows_decode() -> None:
+    """The first token of a prompt read this step is sent before the step's decode forward runs: time to
+    first token does not include the running streams' decode (app/engine/model_runner.py)."""
+    gated = GatedDecode(tiny_model(2, 128), gate_width=20)
+    engine = Engine(gated, ByteTokenizer(), max_batch_size=2, max_seq_len=128)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        engine.start()
+        running = engine.submit(GenerationRequest([72, 105, 33] * 5, GREEDY, max_tokens=60, ignore_eos=True))
+        running_outputs = aiter(running)
+        await anext(running_outputs)
+        new = engine.submit(GenerationRequest([65, 66, 67, 68] * 5, GREEDY, max_tokens=3, ignore_eos=True))
+        new_outputs = aiter(new)
+        first = await asyncio.wait_for(anext(new_outputs), 10)  # while that step's decode forward is held
+        assert first.token_ids and not gated.waited
+        gated.release.set()
+        assert len([o async for o in new_outputs]) == 2
+        running.cancel()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        gated.release.set()
+        engine.shutdown()
+    assert gated.waited, "the held decode forward went on once released"
+
+
+def chunk(length: int, start: int = 0, prompt_logprobs: bool = False) -> Any:
+    from app.engine.scheduler import PrefillChunk
+
+    r = request(length, start + length, prompt_logprobs=prompt_logprobs)
+    return PrefillChunk(r, start, length)
+
+
+def test_prefill_chunks_pack_by_length_and_short_or_echoing_ones_run_alone() -> None:
+    from app.engine.model_runner import PACK_SLACK, ModelRunner
+
+    runner = ModelRunner(tiny_model(4, 128), 4)
+    chunks = [chunk(100), chunk(8), chunk(100 - PACK_SLACK), chunk(30), chunk(40, prompt_logprobs=True), chunk(20, start=5)]
+    assert runner._packs(chunks) == [[c] for c in chunks], "no packing until the engine has checked the rows"
+    runner.pack_prefill = True
+    packs = [[c.length for c in pack] for pack in runner._packs(chunks)]
+    # longest first; 36 is PACK_SLACK shorter than 100 and joins it; 8 (< PREFILL_PAD_FROM) and echo run alone
+    assert packs == [[100, 100 - PACK_SLACK], [30, 20], [8], [40]]

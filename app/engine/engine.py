@@ -272,16 +272,19 @@ class Engine:
         plan = self.scheduler.schedule(end_all)
         self.step_batch_sizes.append(len(self.scheduler.running))
         del self.step_batch_sizes[:-1000]
-        result = self.runner.run(plan) if plan.admitted or plan.runs_model else StepResult()
-        prefilled = self._postprocess(plan, result)
+        first = self.runner.run_prefill(plan) if plan.admitted or plan.prefill or plan.copies else StepResult()
+        prefilled = self._postprocess(plan, first)  # first tokens go out now, not after the decode forward
+        decoded = self.runner.run_decode(plan)
+        self._deliver(decoded)
         self._steps += 1
         self._last_step_time = time.monotonic()
         self._last_step_duration = self._last_step_time - start
-        self.telemetry.record_step(self._last_step_time, self._last_step_duration, len(result.sampled), prefilled)
+        sampled = len(first.sampled) + len(decoded.sampled)
+        self.telemetry.record_step(self._last_step_time, self._last_step_duration, sampled, prefilled)
 
     def _postprocess(self, plan: StepPlan, result: StepResult) -> int:
-        """Send every request what this step produced; finished and failed requests give back their slots.
-        Returns the prompt tokens read into the cache this step."""
+        """Send every request what the plan and the step's first half produced; finished and failed requests
+        give back their slots. Returns the prompt tokens read into the cache this step."""
         for chunk in plan.prefill:  # what the slots now hold, for the prefix cache (before failures clear a slot)
             self.prefix_cache.computed(chunk.request.slot, chunk.request.tokens, chunk.start, chunk.length)
         for request in plan.cancelled:
@@ -296,6 +299,11 @@ class Engine:
         failed = {id(request) for request, _ in result.failed}  # their chunks were planned but never read
         prefilled = sum(chunk.length for chunk in plan.prefill if id(chunk.request) not in failed)
         self._prompt_tokens_total += prefilled
+        self._deliver(result)
+        return prefilled
+
+    def _deliver(self, result: StepResult) -> None:
+        """Each sampled token to its request's output; a finished request gives back its slot."""
         for sampled in result.sampled:
             request = sampled.request
             first = request.timings.first_token is None
@@ -312,7 +320,6 @@ class Engine:
             if output.finish_reason is not None:
                 self.scheduler.release(request)
             request.handle.put(output)
-        return prefilled
 
     def _new_request(self, handle: RequestHandle, params: GenerationRequest, order: int, group: str) -> Request:
         return Request(
@@ -335,14 +342,7 @@ class Engine:
     def _run(self) -> None:
         try:
             self.runner.start()
-            if self.prefix_cache.enabled and self.prefix_cache.exact:
-                self.prefix_cache.rows_independent = self.runner.prefill_rows_independent()
-                log.info(
-                    "prefix cache: exact reuse %s",
-                    "at any point"
-                    if self.prefix_cache.reuses_within_chunks
-                    else "at prefill-chunk boundaries only (prefill rows on this machine depend on their chunk)",
-                )
+            self._check_prefill_rows()
             with torch.inference_mode():
                 worked = False  # since the heap was last trimmed
                 while True:
@@ -366,6 +366,28 @@ class Engine:
             self._fail_all(RequestFailed(f"the engine failed: {e!r}"))
             return
         self._fail_all(RequestFailed("the engine was shut down"))
+
+    def _check_prefill_rows(self) -> None:
+        """Whether prompts may share prefill forwards and the cache may reuse keys inside a chunk: both keep
+        outputs the same bits only if prefill rows do not depend on their chunk or neighbours, which a
+        batch-invariant model checks on this machine (model/invariance.py); without batch invariance
+        nothing is bit-exact anyway, and both are on."""
+        packing_possible = hasattr(self.model, "scratch_position") and self.max_batch_size > 1
+        if not self.prefix_cache.exact:
+            self.runner.pack_prefill = packing_possible
+            return
+        if not (packing_possible or self.prefix_cache.enabled):
+            return
+        independent = self.runner.prefill_rows_independent()
+        self.prefix_cache.rows_independent = independent
+        self.runner.pack_prefill = independent and packing_possible
+        log.info(
+            "prefill: %s; prefix cache: exact reuse %s",
+            "prompts share forwards" if self.runner.pack_prefill else "one prompt per forward",
+            "at any point" if self.prefix_cache.reuses_within_chunks else "at prefill-chunk boundaries only",
+        )
+        if not independent:
+            log.info("prefill rows on this machine depend on their chunk and neighbours (model/invariance.py)")
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self.scheduler.release(request, failed=True)

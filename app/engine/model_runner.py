@@ -1,8 +1,10 @@
 """The only torch code in app/: a step plan -> tensors -> forward passes -> sampler -> token ids.
 
-Prefill runs one prompt chunk per forward (its shapes depend on that prompt alone: batch invariance,
-model/invariance.py); decode runs every decoding row in one forward. The first tokens of prompts that
-completed this step are sampled together with the decode rows, in one sampler call.
+A step runs in two halves. `run_prefill`: the prompt chunks, one forward per chunk or, where prefill
+rows were checked independent of what shares their forward (model/invariance.py), several prompts'
+chunks packed into one; then the first token of each prompt completed. `run_decode`: every decoding
+row in one forward, then their next tokens. The engine sends the first half's tokens before the second
+runs, so time to first token does not include the running streams' decode forward.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import torch
 from app.engine.request import Request
 from app.engine.scheduler import PrefillChunk, StepPlan
 from model.grammar import BatchMasks, TokenMask
-from model.invariance import prefill_rows_independent
+from model.invariance import packed_prefill_inputs, prefill_rows_independent
+from model.llama import PREFILL_PAD_FROM
 from model.sampling import Sampler, TokenLogprob, prompt_logprobs
 
 log = logging.getLogger(__name__)
+
+PACK_SLACK = 64  # tokens a packed chunk may be shorter than its pack's longest (ModelRunner._packs)
 
 
 class CausalLM(Protocol):
@@ -80,6 +85,9 @@ class ModelRunner:
         # stops spin-waiting (decode got ~1.7x slower).
         self.sampler: Sampler | None = None
         self.masks: BatchMasks | None = None
+        # Several prompts' chunks in one forward (model/invariance.packed_prefill_inputs): set by the engine
+        # once it knows that prefill rows do not depend on what shares their forward (prefill_rows_independent).
+        self.pack_prefill = False
 
     def start(self) -> None:
         self.sampler = Sampler(self.max_batch_size, self.vocab_size, self.device)
@@ -99,8 +107,11 @@ class ModelRunner:
         target = getattr(self.model, "model", self.model)  # StaticStep wraps the Transformer; prefill runs eager
         return hasattr(target, "layers") and prefill_rows_independent(target)
 
-    def run(self, plan: StepPlan) -> StepResult:
-        assert self.sampler is not None, "start() first"
+    def run_prefill(self, plan: StepPlan) -> StepResult:
+        """Everything but the decode forward: new requests' sampling state, prefix copies, the prompt
+        chunks, and the first token of every prompt completed this step. The engine sends those before
+        it runs the decode rows (`run_decode`): a new stream's first token does not wait for the others'."""
+        assert self.sampler is not None and self.masks is not None, "start() first"
         result = StepResult()
         failed: set[int] = set()
         for request in plan.admitted:
@@ -111,38 +122,68 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 - one bad request (e.g. a logit_bias id past validation) fails alone
                 result.failed.append((request, e))
                 failed.add(id(request))
-        # The rows sampled this step, known before the forward: their grammar masks are computed meanwhile.
-        to_sample = [
-            c.request for c in plan.prefill if c.last and c.request.params.max_tokens > 0 and id(c.request) not in failed
-        ] + plan.decode
-        assert self.masks is not None
+        chunks = [c for c in plan.prefill if id(c.request) not in failed]
+        # The rows sampled now, known before the forwards: their grammar masks are computed meanwhile.
+        to_sample = [c.request for c in chunks if c.last and c.request.params.max_tokens > 0]
         self.masks.start([r.params.grammar for r in to_sample])
         for copy in plan.copies:
             self.model.copy_prefix(copy.source, copy.target, copy.length)  # type: ignore[attr-defined]
-        rows: list[Request] = []
-        logits: list[torch.Tensor] = []
-        for chunk in plan.prefill:
-            if id(chunk.request) in failed:
-                continue
-            last = self._prefill(chunk)
-            if last is None:
-                continue
-            if chunk.request.params.max_tokens == 0:
-                result.prompt_done.append(chunk.request)
-            else:
-                rows.append(chunk.request)
-                logits.append(last[None])
-        if plan.decode:
-            rows += plan.decode
-            logits.append(self._decode(plan.decode))
+        last_logits: dict[int, torch.Tensor] = {}
+        for group in self._packs(chunks):
+            for chunk, last in zip(group, self._prefill(group)):
+                if last is None:
+                    continue
+                if chunk.request.params.max_tokens == 0:
+                    result.prompt_done.append(chunk.request)
+                else:
+                    last_logits[id(chunk.request)] = last
         mask = self.masks.mask(self.device)
-        if rows:
-            assert rows == to_sample, "the sampled rows differ from those whose masks were computed"
-            result.sampled = self._sample(rows, torch.cat(logits), mask)
+        if to_sample:
+            assert set(last_logits) == {id(r) for r in to_sample}, "the sampled rows differ from those whose masks were computed"
+            result.sampled = self._sample(to_sample, torch.stack([last_logits[id(r)] for r in to_sample]), mask)
         return result
 
-    def _prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
-        """Read one prompt chunk into the request's slot; the last prompt token's logits once the prompt is in."""
+    def run_decode(self, plan: StepPlan) -> StepResult:
+        """One forward for every decoding row, and their next tokens."""
+        assert self.masks is not None, "start() first"
+        if not plan.decode:
+            return StepResult()
+        self.masks.start([r.params.grammar for r in plan.decode])
+        logits = self._decode(plan.decode)
+        return StepResult(sampled=self._sample(plan.decode, logits, self.masks.mask(self.device)))
+
+    def _packs(self, chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+        """The step's prompt chunks grouped into forwards (see `pack_prefill`), longest first within each.
+
+        A chunk joins a pack whose longest chunk is at most PACK_SLACK tokens longer (every row is padded
+        to the longest: past that the padding costs more than the forward it saves). Chunks shorter than
+        PREFILL_PAD_FROM run alone on their own kernels (model/llama.py), as do those that want every
+        position's logits (prompt logprobs).
+        """
+        if not self.pack_prefill:
+            return [[c] for c in chunks]
+        alone = [c.length < PREFILL_PAD_FROM or c.request.prompt_logprobs is not None for c in chunks]
+        packable = sorted((c for c, solo in zip(chunks, alone) if not solo), key=lambda c: -c.length)
+        packs: list[list[PrefillChunk]] = []
+        for chunk in packable:
+            if packs and packs[-1][0].length - chunk.length <= PACK_SLACK:
+                packs[-1].append(chunk)
+            else:
+                packs.append([chunk])
+        return packs + [[c] for c, solo in zip(chunks, alone) if solo]
+
+    def _prefill(self, chunks: list[PrefillChunk]) -> list[torch.Tensor | None]:
+        """Read prompt chunks into their requests' slots in one forward; for each, the last prompt
+        token's logits once its prompt is in, else None."""
+        if len(chunks) > 1:
+            rows = [(c.request.tokens[c.start : c.start + c.length], c.start) for c in chunks]
+            tokens, positions = packed_prefill_inputs(rows, self.model.scratch_position, self.device)  # type: ignore[attr-defined]
+            slots = self._slot_tensor([c.request.slot for c in chunks])
+            logits = self.model(tokens, positions, slots, kv_len=max(c.start + c.length for c in chunks))
+            for chunk in chunks:
+                chunk.request.cached(chunk.length)
+            return [logits[row] if chunk.last else None for row, chunk in enumerate(chunks)]
+        chunk = chunks[0]
         request, start, n = chunk.request, chunk.start, chunk.length
         logits = self.model(
             torch.tensor([request.tokens[start : start + n]], device=self.device),
@@ -157,8 +198,8 @@ class ModelRunner:
             request.prompt_logprobs.extend(prompt_logprobs(logits[0, : len(next_ids)], next_ids, top))
         request.cached(n)
         if not chunk.last:
-            return None
-        return logits[0, -1] if logits.dim() == 3 else logits[0]
+            return [None]
+        return [logits[0, -1] if logits.dim() == 3 else logits[0]]
 
     def _decode(self, requests: list[Request]) -> torch.Tensor:
         positions = [len(r.tokens) - 1 for r in requests]

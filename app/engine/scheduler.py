@@ -185,8 +185,7 @@ class Scheduler:
         for request in prefilling:
             if self.share_prefixes and self._borrow(request, prefilling, copies):
                 continue
-            # To the next multiple of prefill_chunk: after a cached prefix, the chunks line up with a cold prefill's.
-            n = min(request.num_prompt - request.num_cached, self.prefill_chunk - request.num_cached % self.prefill_chunk)
+            n = self._chunk_length(request)
             if n > budget and budget < self.prefill_chunk:
                 continue
             budget -= n
@@ -194,6 +193,19 @@ class Scheduler:
             if budget <= 0:
                 break
         return chunks
+
+    def _chunk_length(self, request: Request) -> int:
+        """Up to the next multiple of prefill_chunk: after a cached prefix, the chunks line up with a cold
+        prefill's. Where prefill rows were checked independent of their chunk (the cache reuses within
+        chunks), a prompt whose rest crosses one boundary and fits one chunk is read in one go instead: a
+        cold prefill computes both sides of the boundary on the dense kernels too (the part past it is at
+        least `dense_from` long), so the bits are the same, and the first token comes a step earlier."""
+        start, end, chunk = request.num_cached, request.num_prompt, self.prefill_chunk
+        n = min(end - start, chunk - start % chunk)
+        cache = self.prefix_cache
+        if cache.reuses_within_chunks and start + n < end <= start + chunk and end - (start + n) >= cache.dense_from:
+            return end - start
+        return n
 
     def _borrow(self, request: Request, prefilling: list[Request], copies: list[PrefixCopy]) -> bool:
         """Copy the longest reusable prefix of the request's prompt that another running slot holds, if
