@@ -9,7 +9,11 @@ the keys in blocks whose size followed the longest row of the batch.
 
 The rules, each of which makes one source of variation impossible rather than unlikely:
 1. Prefill runs one prompt per forward, in chunks whose boundaries depend on that prompt alone
-   (the engine's job). Its shapes are a function of the prompt, so any kernel may serve them.
+   (the engine's job). Its shapes are a function of the prompt, so any kernel may serve them. The
+   exception is checked, not built in: where `prefill_rows_independent` finds on this machine that a
+   prefill row's numbers depend neither on its chunk nor on the chunks beside it, the engine packs
+   several prompts' chunks into one forward (`packed_prefill_inputs`) and the prefix cache reuses keys
+   inside a chunk. The last column's logits use the decode head (rule 2), whose rows are independent.
 2. A decode forward (one token per row) computes each linear layer with a kernel whose rows are
    independent by construction -- the int4 weight-only kernel, where every output row accumulates
    its own dot products over K in a fixed order -- or, for dense weights, in tiles of a fixed
@@ -73,20 +77,27 @@ def _rows_independent(weight: torch.Tensor, bias: torch.Tensor | None, tile: int
     return True
 
 
-# Column tiles tried for the output head (below), cheapest per row first. A 576 x 49,152 head on a
-# 2-core Xeon (torch 2.13, MKL): 16 columns take 4.2 ms, about one 4-row F.linear (3.9 ms), and
-# 32 rows then cost 8.3 ms instead of 31.5 ms in 4-row tiles.
-HEAD_TILE_CANDIDATES = (16, 32, 8)
-_head_tiles: dict[tuple[Any, ...], int] = {}
+# Column tiles tried for the output head (below), smallest first. The head may switch between tiles that
+# give the same bits (`head_tiles`), so each batch takes the cheapest fitting one. A 576 x 49,152 float32
+# head on a 2-core Zen 3 (torch 2.13, MKL), ms for 1 / 8 / 32 rows: 4 columns 5.7 / 11.9 / 51.9; 8
+# columns 9.3 / 9.8 / 39.1; 16 columns 16.6 / 16.4 / 33.7; 32 columns 19.7 / 20.6 / 21.8 (a GEMV: 9.3 for
+# one row). There 4 and 8 agree bit for bit, as do 16 and 32, but not the two pairs: the smallest wins,
+# batch-1 decode being where a token waits longest for the 113 MB table.
+HEAD_TILE_CANDIDATES = (4, 8, 16, 32)
+_head_tiles: dict[tuple[Any, ...], tuple[int, ...]] = {}
 
 
-def head_tile(weight: torch.Tensor) -> int:
-    """The column tile for `head_logits`: the first candidate whose columns this machine's GEMM
-    computes independently of their position and neighbours; 0 when none does (then the head runs
-    as `tiled_linear` in `row_tile` rows)."""
+def head_tiles(weight: torch.Tensor) -> tuple[int, ...]:
+    """The column tiles `head_logits` may use for this weight, smallest first: the smallest candidate whose
+    columns this machine's GEMM computes independently of their position and neighbours, and every other
+    such candidate that gives the same bits as it. Empty when none is independent (then the head runs as
+    `tiled_linear` in `row_tile` rows)."""
     key = (tuple(weight.shape), weight.dtype, weight.device)
     if key not in _head_tiles:
-        _head_tiles[key] = next((t for t in HEAD_TILE_CANDIDATES if _columns_independent(weight, t)), 0)
+        independent = [t for t in HEAD_TILE_CANDIDATES if _columns_independent(weight, t)]
+        probe = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(weight)
+        bits = [head_logits(probe, weight, (t,)) for t in independent]
+        _head_tiles[key] = tuple(t for t, b in zip(independent, bits) if torch.equal(b, bits[0]))
     return _head_tiles[key]
 
 
@@ -103,13 +114,15 @@ def _columns_independent(weight: torch.Tensor, tile: int) -> bool:
     return True
 
 
-def head_logits(x: torch.Tensor, weight: torch.Tensor, tile: int) -> torch.Tensor:
-    """x @ weight.T for decode rows, as (weight @ x.T) in GEMMs of exactly `tile` columns (zeros pad the last).
+def head_logits(x: torch.Tensor, weight: torch.Tensor, tiles: Sequence[int]) -> torch.Tensor:
+    """x @ weight.T for decode rows, as (weight @ x.T) in GEMMs of exactly `tile` columns (zeros pad the
+    last), `tile` the smallest of `tiles` that holds every row, else the largest.
 
     Why transposed: a wide head (vocab x dim) read for a few rows is one long, thin GEMM; as weight @
     x.T, MKL streams the weight once per tile at near-GEMV speed, where F.linear slows with every row.
     """
     rows = x.shape[0]
+    tile = next((t for t in tiles if t >= rows), tiles[-1])
     padded = round_up(rows, tile)
     if padded != rows:
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs, RopeScaling
-from model.invariance import KV_BLOCK, head_logits, head_tile, round_up, row_tile, tiled_linear
+from model.invariance import KV_BLOCK, head_logits, head_tiles, round_up, row_tile, tiled_linear
 from model.kv_cache import KVCache
 
 # Prefill chunks of PREFILL_PAD_FROM tokens or more run padded to a multiple of PREFILL_ROW_BLOCK rows, so
@@ -229,7 +229,7 @@ class Transformer(nn.Module):
         self.cache_len = 0  # positions per slot in the cache: max_seq_len, rounded up to KV_BLOCK when batch invariant
         self.batch_invariant = False
         self.head_tile = 0  # rows per head GEMM in decode when batch invariant (invariance.row_tile) ...
-        self.head_column_tile = 0  # ... or columns per transposed head GEMM, where that is row independent (head_tile)
+        self.head_column_tiles: tuple[int, ...] = ()  # ... or column tiles of a transposed head GEMM (head_tiles)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, *, batch_invariant: bool = False) -> None:
         """Allocate the slot cache and RoPE tables once, on the weights' device and dtype.
@@ -243,8 +243,8 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.batch_invariant = batch_invariant
-        self.head_column_tile = head_tile(self.head_weight()) if batch_invariant else 0
-        self.head_tile = row_tile(self.head_weight()) if batch_invariant and not self.head_column_tile else 0
+        self.head_column_tiles = head_tiles(self.head_weight()) if batch_invariant else ()
+        self.head_tile = row_tile(self.head_weight()) if batch_invariant and not self.head_column_tiles else 0
         self.cache_len = round_up(max_seq_len, KV_BLOCK) if batch_invariant else max_seq_len
         for layer in self.layers:
             assert isinstance(layer, TransformerBlock)  # nn.ModuleList yields plain Modules
@@ -353,8 +353,8 @@ class Transformer(nn.Module):
         # Decode rows, and the last column of prefill rows (several prompts may share a forward): fixed-shape GEMMs.
         if self.batch_invariant and (tokens.shape[1] == 1 or not all_logits):
             rows_2d = h.reshape(-1, h.shape[-1])  # (B, D); (B, 1, D) when every position's logits are asked for
-            if self.head_column_tile:
-                logits = head_logits(rows_2d, self.head_weight(), self.head_column_tile)
+            if self.head_column_tiles:
+                logits = head_logits(rows_2d, self.head_weight(), self.head_column_tiles)
             else:
                 logits = tiled_linear(rows_2d, self.head_weight(), None, self.head_tile)
             return logits.reshape(*h.shape[:-1], -1).float()

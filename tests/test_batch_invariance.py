@@ -22,7 +22,7 @@ from model.invariance import (
     KV_BLOCK,
     TiledLinear,
     head_logits,
-    head_tile,
+    head_tiles,
     make_batch_invariant,
     packed_prefill_inputs,
     prefill_rows_independent,
@@ -139,17 +139,20 @@ def test_tiled_linear_rows_do_not_depend_on_the_rest_of_the_tile(shape: tuple[in
 
 @pytest.mark.parametrize("shape", [(259, 64), (49152, 576)])
 def test_head_logits_rows_do_not_depend_on_the_batch(shape: tuple[int, int]) -> None:
-    """The decode head in column tiles: each row's logits are the bits it gets alone, at any batch size."""
+    """The decode head in column tiles, the tile following the batch size: each row's logits are the bits it
+    gets alone, at any batch size, whichever of the agreeing tiles serves it."""
     torch.manual_seed(0)
     weight = torch.randn(*shape) * 0.05
-    tile = head_tile(weight)
-    if tile == 0:  # no candidate passes on this CPU: the model uses tiled_linear, tested above
+    tiles = head_tiles(weight)
+    if not tiles:  # no candidate passes on this CPU: the model uses tiled_linear, tested above
         assert row_tile(weight) >= 1
         return
-    x = torch.randn(2 * tile + 3, shape[1])
-    alone = torch.cat([head_logits(x[i : i + 1], weight, tile) for i in range(x.shape[0])])
-    for rows in (2, tile, tile + 1, x.shape[0]):
-        assert torch.equal(head_logits(x[:rows], weight, tile), alone[:rows]), f"{rows} rows"
+    x = torch.randn(2 * tiles[-1] + 3, shape[1])
+    alone = torch.cat([head_logits(x[i : i + 1], weight, tiles) for i in range(x.shape[0])])
+    for rows in sorted({2, *tiles, *(t + 1 for t in tiles), x.shape[0]}):
+        assert torch.equal(head_logits(x[:rows], weight, tiles), alone[:rows]), f"{rows} rows"
+    for tile in tiles:  # each tile alone gives those bits too
+        assert torch.equal(head_logits(x, weight, (tile,)), alone), f"tile {tile}"
     assert torch.allclose(alone, torch.nn.functional.linear(x, weight), atol=1e-3)
 
 
