@@ -22,8 +22,10 @@ The rules, each of which makes one source of variation impossible rather than un
    rows: 6-row micro-kernels plus a tail). So the tile is chosen per weight shape at load time:
    the smallest of TILE_CANDIDATES whose every position gives the bits of that row alone at
    position 0, checked on this machine; 1 (one GEMV per row, position 0 always) if none does.
-3. Attention reads keys up to a multiple of KV_BLOCK, the CPU flash kernel's key block: trailing
-   blocks that are fully masked add exact zeros, so the length the batch needs changes nothing.
+3. Attention reads keys up to a multiple of a block: trailing blocks that are fully masked add exact
+   zeros, so the length the batch needs changes nothing. Prefill (SDPA) uses KV_BLOCK, the CPU flash
+   kernel's key block; decode (plain matmuls, model/llama.decode_attention) the smallest block for
+   which that was checked true on this machine (llama.decode_key_block).
 The sampler keeps its part (model/sampling.py): each row's top-k/top-p candidates depend on that
 row's own parameters only.
 

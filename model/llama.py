@@ -158,6 +158,41 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return torch.matmul(weights, values).reshape(batch, heads, 1, head_dim)
 
 
+# Key lengths decode attention may read in multiples of, smallest first (rule 3 of model/invariance.py).
+# Why not KV_BLOCK: decode attention is plain matmuls, not the flash kernel whose 512-key block set that;
+# a step at 200 keys read 512 of them, and attention was a quarter of a 32-row step (2-core Zen 3).
+DECODE_KEY_BLOCKS = (64, 128, 256)
+_decode_key_blocks: dict[tuple[object, ...], int] = {}
+
+
+def decode_key_block(n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str) -> int:
+    """The multiple of keys a batch-invariant decode step reads: the smallest of DECODE_KEY_BLOCKS for which
+    a row's attention is the same bits whatever number of masked keys follow its own (1 to 8 blocks of
+    them, random data, checked on this machine), else KV_BLOCK, the length every earlier step read."""
+    key = (n_heads, n_kv_heads, head_dim, dtype, str(device))
+    if key not in _decode_key_blocks:
+        fits = (b for b in DECODE_KEY_BLOCKS if _masked_keys_change_nothing(b, n_heads, n_kv_heads, head_dim, dtype, device))
+        _decode_key_blocks[key] = next(fits, KV_BLOCK)
+    return _decode_key_blocks[key]
+
+
+@torch.inference_mode()
+def _masked_keys_change_nothing(
+    block: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
+) -> bool:
+    generator = torch.Generator().manual_seed(block)
+    longest = 8 * block
+    q = torch.randn(2, n_heads, 1, head_dim, generator=generator).to(device, dtype)
+    keys, values = (torch.randn(2, n_kv_heads, longest, head_dim, generator=generator).to(device, dtype) for _ in range(2))
+    lengths = torch.tensor([block - 3, block // 2 + 1], device=device)  # each row's own keys
+    outputs = []
+    for blocks in (1, 2, 3, 8):
+        length = blocks * block
+        mask = (torch.arange(length, device=device)[None] < lengths[:, None])[:, None, None]
+        outputs.append(decode_attention(q, keys[:, :, :length], values[:, :, :length], mask))
+    return all(torch.equal(out, outputs[0]) for out in outputs[1:])
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -227,6 +262,7 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_len = 0
         self.cache_len = 0  # positions per slot in the cache: max_seq_len, rounded up to KV_BLOCK when batch invariant
+        self.decode_key_block = 1  # decode reads keys in multiples of this when batch invariant (decode_key_block)
         self.batch_invariant = False
         self.head_tile = 0  # rows per head GEMM in decode when batch invariant (invariance.row_tile) ...
         self.head_column_tiles: tuple[int, ...] = ()  # ... or column tiles of a transposed head GEMM (head_tiles)
@@ -246,6 +282,10 @@ class Transformer(nn.Module):
         self.head_column_tiles = head_tiles(self.head_weight()) if batch_invariant else ()
         self.head_tile = row_tile(self.head_weight()) if batch_invariant and not self.head_column_tiles else 0
         self.cache_len = round_up(max_seq_len, KV_BLOCK) if batch_invariant else max_seq_len
+        args = self.args
+        self.decode_key_block = (
+            decode_key_block(args.n_heads, args.n_kv_heads, args.head_dim, weight.dtype, weight.device) if batch_invariant else 1
+        )
         for layer in self.layers:
             assert isinstance(layer, TransformerBlock)  # nn.ModuleList yields plain Modules
             layer.attention.cache = KVCache(
@@ -305,7 +345,7 @@ class Transformer(nn.Module):
         """
         kv_len = self.check_inputs(tokens, positions, slots, kv_len)
         if self.batch_invariant:  # whole key blocks: the keys other rows need change nothing (invariance.py)
-            kv_len = min(round_up(kv_len, KV_BLOCK), self.cache_len)
+            kv_len = min(round_up(kv_len, self.decode_key_block if tokens.shape[1] == 1 else KV_BLOCK), self.cache_len)
         columns = tokens.shape[1]
         if columns >= PREFILL_PAD_FROM and columns % PREFILL_ROW_BLOCK:
             tokens, positions = self.pad_columns(tokens, positions, round_up(columns, PREFILL_ROW_BLOCK))

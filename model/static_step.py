@@ -11,8 +11,8 @@ Fixed shapes: the batch is padded up to a bucket (powers of two up to max_batch_
 write their keys at their slot's scratch position (Transformer.setup_cache), which no query reads,
 and their logits are dropped before the head. When row b is slot b (the engine's usual case: it
 fills slots lowest first and decodes in slot order) the padding rows take the next slots and every
-row reads its keys in place, with no gather. Keys are read up to a multiple of KV_BLOCK (the mask does the
-rest) and that length is a dynamic dimension of the one graph, so a longer context costs no
+row reads its keys in place, with no gather. Keys are read up to a multiple of the model's
+`decode_key_block` (the mask does the rest) and that length is a dynamic dimension of the one graph, so a longer context costs no
 recompile. Host-side checks run before the compiled region, never inside it.
 
 Where Inductor cannot run (no C++ compiler, an unsupported torch) the step falls back to eager and
@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from model.invariance import KV_BLOCK, round_up
+from model.invariance import round_up
 from model.llama import Transformer, TransformerBlock
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ class StaticStep:
             return self.model(tokens, positions, slots, kv_len=kv_len, all_logits=all_logits)
         kv_len = self.model.check_inputs(tokens, positions, slots, kv_len)
         bucket = next(b for b in self.buckets if b >= tokens.shape[0])
-        return self._padded(tokens, positions, slots, bucket, min(round_up(kv_len, KV_BLOCK), self.model.cache_len))
+        block = self.model.decode_key_block
+        return self._padded(tokens, positions, slots, bucket, min(round_up(kv_len, block), self.model.cache_len))
 
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
@@ -123,7 +124,7 @@ class StaticStep:
         """
         start = time.monotonic()
         zero = torch.zeros(1, 1, dtype=torch.long, device=self.model.device)
-        kv_len = min(KV_BLOCK, self.model.cache_len)
+        kv_len = min(self.model.decode_key_block, self.model.cache_len)
         for done, bucket in enumerate(self.buckets, 1):
             t = time.monotonic()
             for slots in (None, zero[0]):
@@ -155,7 +156,7 @@ class StaticStep:
             return run_block(layer, *args)
         mask = args[-1]
         assert mask is not None
-        torch._dynamo.maybe_mark_dynamic(mask, 3)  # keys read: one graph for every multiple of KV_BLOCK
+        torch._dynamo.maybe_mark_dynamic(mask, 3)  # keys read: one graph for every multiple of the key block
         try:
             return self.compiled(layer, *args)
         except Exception as e:  # noqa: BLE001 - a backend failure (compiler error, unsupported op) costs speed, not service

@@ -126,6 +126,25 @@ def test_packed_prefill_rows_get_the_bits_of_their_own_forwards() -> None:
     assert engine.runner.pack_prefill == independent, "the engine packs exactly where the check passed"
 
 
+def test_decode_key_block_is_one_whose_masked_keys_change_nothing() -> None:
+    """llama.decode_key_block picks the smallest block whose trailing masked keys change no bit (checked at load
+    on random data); here on other data, more rows, and every multiple up to 10 blocks."""
+    from model.llama import DECODE_KEY_BLOCKS, decode_attention, decode_key_block
+
+    block = decode_key_block(4, 2, 16, torch.float32, "cpu")
+    assert block in (*DECODE_KEY_BLOCKS, KV_BLOCK)
+    generator = torch.Generator().manual_seed(9)
+    q = torch.randn(5, 4, 1, 16, generator=generator)
+    keys, values = (torch.randn(5, 2, 10 * block, 16, generator=generator) for _ in range(2))
+    lengths = torch.tensor([1, block, block - 1, 7, block // 3])
+    outputs = []
+    for blocks in range(1, 11):
+        mask = (torch.arange(blocks * block)[None] < lengths[:, None])[:, None, None]
+        outputs.append(decode_attention(q, keys[:, :, : blocks * block], values[:, :, : blocks * block], mask))
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
+    assert invariant_tiny().decode_key_block == block
+
+
 @pytest.mark.parametrize("shape", [(300, 96), (64, 64), (1536, 576), (576, 1536), (49152, 576)])
 def test_tiled_linear_rows_do_not_depend_on_the_rest_of_the_tile(shape: tuple[int, int]) -> None:
     torch.manual_seed(0)

@@ -204,3 +204,27 @@ def test_every_bucket_keeps_its_graphs_when_warmed_up_on_another_thread() -> Non
     worker.start()
     worker.join()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * len(step.buckets) == 12
+
+
+def test_inductor_decode_rows_get_the_same_bits_whatever_key_length_the_batch_reads() -> None:
+    """Decode reads keys in multiples of the model's decode_key_block, up to what the batch's longest row
+    needs: the compiled step gives a short row the same logits alone (one block) and beside rows that need
+    two or five (the masked keys are a dynamic dimension of one graph)."""
+    model = invariant_tiny(max_batch_size=2, max_seq_len=600)
+    block = model.decode_key_block
+    step = StaticStep(model)
+    generator = torch.Generator().manual_seed(4)
+    short = torch.randint(0, 259, (1, 20), generator=generator)
+
+    def decode_short(beside: int | None) -> torch.Tensor:
+        model(short, torch.arange(20)[None], torch.tensor([0]))
+        if beside is None:
+            return step(torch.tensor([[7]]), torch.tensor([[20]]), torch.tensor([0]))[0]
+        other = torch.randint(0, 259, (1, beside), generator=generator)
+        model(other, torch.arange(beside)[None], torch.tensor([1]))
+        return step(torch.tensor([[7], [9]]), torch.tensor([[20], [beside]]), torch.tensor([0, 1]))[0]
+
+    alone = decode_short(None)
+    for beside in (block + 5, min(5 * block - 3, 599)):
+        assert torch.equal(decode_short(beside), alone), f"beside a row of {beside} keys"
+    assert step.fallback_reason is None
