@@ -96,10 +96,15 @@ def head_tiles(weight: torch.Tensor) -> tuple[int, ...]:
     `tiled_linear` in `row_tile` rows)."""
     key = (tuple(weight.shape), weight.dtype, weight.device)
     if key not in _head_tiles:
-        independent = [t for t in HEAD_TILE_CANDIDATES if _columns_independent(weight, t)]
         probe = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(weight)
-        bits = [head_logits(probe, weight, (t,)) for t in independent]
-        _head_tiles[key] = tuple(t for t, b in zip(independent, bits) if torch.equal(b, bits[0]))
+        family: list[int] = []
+        reference = torch.empty(0)
+        for tile in HEAD_TILE_CANDIDATES:  # the cheap comparison first: each independence check is `tile` GEMMs
+            bits = head_logits(probe, weight, (tile,))
+            if (not family or torch.equal(bits, reference)) and _columns_independent(weight, tile):
+                family.append(tile)
+                reference = bits if len(family) == 1 else reference
+        _head_tiles[key] = tuple(family)
     return _head_tiles[key]
 
 
