@@ -24,8 +24,8 @@ The rules, each of which makes one source of variation impossible rather than un
    position 0, checked on this machine; 1 (one GEMV per row, position 0 always) if none does.
 3. Attention reads keys up to a multiple of a block: trailing blocks that are fully masked add exact
    zeros, so the length the batch needs changes nothing. Prefill (SDPA) uses KV_BLOCK, the CPU flash
-   kernel's key block; decode (plain matmuls, model/llama.decode_attention) the smallest block for
-   which that was checked true on this machine (llama.decode_key_block).
+   kernel's key block; decode (plain matmuls, model/decode_attention.py) the smallest block for
+   which that was checked true on this machine.
 The sampler keeps its part (model/sampling.py): each row's top-k/top-p candidates depend on that
 row's own parameters only.
 
@@ -102,8 +102,9 @@ def head_tiles(weight: torch.Tensor) -> tuple[int, ...]:
         for tile in HEAD_TILE_CANDIDATES:  # the cheap comparison first: each independence check is `tile` GEMMs
             bits = head_logits(probe, weight, (tile,))
             if (not family or torch.equal(bits, reference)) and _columns_independent(weight, tile):
+                if not family:
+                    reference = bits
                 family.append(tile)
-                reference = bits if len(family) == 1 else reference
         _head_tiles[key] = tuple(family)
     return _head_tiles[key]
 

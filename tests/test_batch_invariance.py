@@ -129,7 +129,7 @@ def test_packed_prefill_rows_get_the_bits_of_their_own_forwards() -> None:
 def test_decode_key_block_is_one_whose_masked_keys_change_nothing() -> None:
     """llama.decode_key_block picks the smallest block whose trailing masked keys change no bit (checked at load
     on random data); here on other data, more rows, and every multiple up to 10 blocks."""
-    from model.llama import DECODE_KEY_BLOCKS, decode_attention, decode_key_block
+    from model.decode_attention import DECODE_KEY_BLOCKS, decode_attention, decode_key_block
 
     block = decode_key_block(4, 2, 16, torch.float32, "cpu")
     assert block in (*DECODE_KEY_BLOCKS, KV_BLOCK)

@@ -342,7 +342,7 @@ class Engine:
     def _run(self) -> None:
         try:
             self.runner.start()
-            self._check_prefill_rows()
+            self.runner.check_prefill_rows(self.prefix_cache)
             with torch.inference_mode():
                 worked = False  # since the heap was last trimmed
                 while True:
@@ -366,28 +366,6 @@ class Engine:
             self._fail_all(RequestFailed(f"the engine failed: {e!r}"))
             return
         self._fail_all(RequestFailed("the engine was shut down"))
-
-    def _check_prefill_rows(self) -> None:
-        """Whether prompts may share prefill forwards and the cache may reuse keys inside a chunk: both keep
-        outputs the same bits only if prefill rows do not depend on their chunk or neighbours, which a
-        batch-invariant model checks on this machine (model/invariance.py); without batch invariance
-        nothing is bit-exact anyway, and both are on."""
-        packing_possible = hasattr(self.model, "scratch_position") and self.max_batch_size > 1
-        if not self.prefix_cache.exact:
-            self.runner.pack_prefill = packing_possible
-            return
-        if not (packing_possible or self.prefix_cache.enabled):
-            return
-        independent = self.runner.prefill_rows_independent()
-        self.prefix_cache.rows_independent = independent
-        self.runner.pack_prefill = independent and packing_possible
-        log.info(
-            "prefill: %s; prefix cache: exact reuse %s",
-            "prompts share forwards" if self.runner.pack_prefill else "one prompt per forward",
-            "at any point" if self.prefix_cache.reuses_within_chunks else "at prefill-chunk boundaries only",
-        )
-        if not independent:
-            log.info("prefill rows on this machine depend on their chunk and neighbours (model/invariance.py)")
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self.scheduler.release(request, failed=True)

@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from app.engine.prefix_cache import PrefixCache
 from app.engine.request import Request
 from app.engine.scheduler import PrefillChunk, StepPlan
 from model.grammar import BatchMasks, TokenMask
@@ -98,6 +99,28 @@ class ModelRunner:
             seconds = warm_up(log_progress)
             reason = getattr(self.model, "fallback_reason", None)
             log.info("decode step ready in %.1f s (%s)", seconds, f"eager: {reason}" if reason else "compiled")
+
+    def check_prefill_rows(self, prefix_cache: PrefixCache) -> None:
+        """Whether prompts may share prefill forwards (`pack_prefill`) and the cache may reuse keys inside a
+        chunk: both keep outputs the same bits only if prefill rows do not depend on their chunk or
+        neighbours, which a batch-invariant model checks on this machine (model/invariance.py); without
+        batch invariance nothing is bit-exact anyway, and both are on. Call before serving."""
+        packing_possible = hasattr(self.model, "scratch_position") and self.max_batch_size > 1
+        if not prefix_cache.exact:
+            self.pack_prefill = packing_possible
+            return
+        if not (packing_possible or prefix_cache.enabled):
+            return
+        independent = self.prefill_rows_independent()
+        prefix_cache.rows_independent = independent
+        self.pack_prefill = independent and packing_possible
+        log.info(
+            "prefill: %s; prefix cache: exact reuse %s",
+            "prompts share forwards" if self.pack_prefill else "one prompt per forward",
+            "at any point" if prefix_cache.reuses_within_chunks else "at prefill-chunk boundaries only",
+        )
+        if not independent:
+            log.info("prefill rows on this machine depend on their chunk and neighbours (model/invariance.py)")
 
     def prefill_rows_independent(self) -> bool:
         """model/invariance.py's check on the real model (slot 0; before serving); False for models without caches."""
