@@ -264,6 +264,16 @@ def workloads(args: argparse.Namespace) -> dict[str, Workload]:
     }
 
 
+def repetition(workload: Workload, rep: int) -> Workload:
+    """The workload of repetition `rep`, with a seed no other (workload, repetition) of the run draws.
+
+    Fresh prompts every time: a server with a prefix cache keeps the prompts it served, and one run
+    that resent another's (the c8 and c32 workloads once drew the same seeds) timed cache hits
+    instead of prefill, for us and for the peers alike.
+    """
+    return replace(workload, seed=workload.seed + 1000 * workload.concurrency + rep)
+
+
 def measure_server(served: Served, args: argparse.Namespace) -> dict[str, Any]:
     """Every workload, --repeats times each, against one running server."""
     name, base_url = served.name, served.url
@@ -273,8 +283,7 @@ def measure_server(served: Served, args: argparse.Namespace) -> dict[str, Any]:
         for rep in range(args.repeats):
             served.check_alive()
             load = check_quiet(f"{name} {key} #{rep + 1}", args.max_busy, args.wait_quiet)
-            # A different seed per repetition: fresh prompts, no prefix-cache hits across repetitions.
-            w = replace(workload, seed=workload.seed + rep)
+            w = repetition(workload, rep)
             with adapted_bodies(served.adapt_body):
                 report = asyncio.run(
                     loadgen.measure(

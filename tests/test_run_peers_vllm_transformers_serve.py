@@ -252,6 +252,21 @@ def test_concurrency_sweep_workloads_and_llama_server_slots() -> None:
     assert max(run_peers.concurrencies(args)) == 32
 
 
+def test_every_workload_and_repetition_sends_prompts_no_other_one_sent() -> None:
+    """A server with a prefix cache (ours, llama-server, vLLM) keeps the prompts of the runs before: a
+    repetition that resent them (c8 #1 and c32 #1 once drew the same seed) would time cache hits, not prefill."""
+    from bench import loadgen
+
+    args = run_peers.build_parser().parse_args(["--concurrency", "8", "32", "--cn-requests", "32", "--repeats", "3"])
+    openings: dict[str, tuple[str, int]] = {}
+    for key, workload in run_peers.workloads(args).items():
+        for rep in range(args.repeats):
+            for spec in loadgen.make_specs(run_peers.repetition(workload, rep)):
+                opening = " ".join(spec.prompt.split()[:6])
+                assert openings.setdefault(opening, (key, rep)) == (key, rep), f"{key} #{rep + 1} resends a prompt"
+    assert len(openings) == 4 * 3 + 32 * 3 + 32 * 3
+
+
 def _server(points: dict[int, tuple[float, float, float]]) -> dict:  # type: ignore[type-arg]
     """A peer's results: {concurrency: (output tok/s, TTFT p50 ms, decode tok/s p50)}."""
     return {
