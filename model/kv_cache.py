@@ -29,25 +29,46 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def window(self, first: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the keys and values of slots [first, first + rows): what `update` reads in place."""
+        return self.k[first : first + rows], self.v[first : first + rows]
+
     def update(
-        self, slots: torch.Tensor | None, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+        self,
+        slots: torch.Tensor | None,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_len: int,
+        window: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v ([B, H, T, D]) at (slot, position); return each row's first kv_len keys/values.
 
-        `slots=None` means row i uses slot i: the read is then a view of the cache, not a gather copy.
+        `slots=None` means row i uses slot i, or slot first + i of a `window(first, B)`: the read is then
+        a view of the cache, not a gather copy.
         """
         batch = positions.shape[0]
+        keys, values = (self.k, self.v) if window is None or slots is not None else window
         rows = (torch.arange(batch, device=positions.device) if slots is None else slots)[:, None]
-        self.k[rows, :, positions] = k.transpose(1, 2)
-        self.v[rows, :, positions] = v.transpose(1, 2)
+        keys[rows, :, positions] = k.transpose(1, 2)
+        values[rows, :, positions] = v.transpose(1, 2)
         if slots is None:
-            return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+            return keys[:batch, :, :kv_len], values[:batch, :, :kv_len]
         return read_slots(self.k, slots, kv_len), read_slots(self.v, slots, kv_len)
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Positions [0, length) of slot `source` into slot `target` (the prefix cache shares a prompt)."""
         self.k[target, :, :length] = self.k[source, :, :length]
         self.v[target, :, :length] = self.v[source, :, :length]
+
+
+def first_of_run(slots: torch.Tensor) -> int | None:
+    """s when `slots` are s, s + 1, ..., s + B - 1 (read as a window, in place), else None (gathered).
+    Only for slots in host memory: reading device values would cost a sync every step."""
+    if slots.device.type != "cpu" or slots.dim() != 1 or slots.numel() == 0:
+        return None
+    first = int(slots[0])
+    return first if slots.tolist() == list(range(first, first + slots.numel())) else None
 
 
 @torch.library.custom_op("llamaserve::read_slots", mutates_args=())

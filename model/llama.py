@@ -19,7 +19,7 @@ from torch import nn
 from model.args import ModelArgs, RopeScaling
 from model.decode_attention import decode_attention, decode_key_block
 from model.invariance import KV_BLOCK, head_logits, head_tiles, round_up, row_tile, tiled_linear
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, first_of_run
 
 # Prefill chunks of PREFILL_PAD_FROM tokens or more run padded to a multiple of PREFILL_ROW_BLOCK rows, so
 # the dense GEMMs see at most chunk / PREFILL_ROW_BLOCK shapes. Why: oneDNN's bfloat16 matmul keeps memory
@@ -126,6 +126,8 @@ class Attention(nn.Module):
         slots: torch.Tensor | None,
         positions: torch.Tensor,
         mask: torch.Tensor,
+        keys_window: torch.Tensor | None = None,
+        values_window: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seqlen, _ = x.shape
         q, k, v = self.project(x)
@@ -134,7 +136,8 @@ class Attention(nn.Module):
         v = v.reshape(batch, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         assert self.cache is not None, "call Transformer.setup_cache() before forward()"
-        keys, values = self.cache.update(slots, positions, k, v, mask.shape[-1])
+        window = None if keys_window is None or values_window is None else (keys_window, values_window)
+        keys, values = self.cache.update(slots, positions, k, v, mask.shape[-1], window)
         if seqlen == 1:
             out = decode_attention(q, keys, values, mask)
         else:
@@ -183,15 +186,16 @@ class TransformerBlock(nn.Module):
         slots: torch.Tensor | None,
         positions: torch.Tensor,
         mask: torch.Tensor,
+        keys_window: torch.Tensor | None = None,
+        values_window: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, slots, positions, mask)
+        """keys_window/values_window: the cache slots the rows use in place (KVCache.window), with slots=None."""
+        h = x + self.attention(self.attention_norm(x), cos, sin, slots, positions, mask, keys_window, values_window)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-# Runs one layer of a step: (layer, h, cos, sin, slots, positions, mask) -> h.
-BlockRunner = Callable[
-    ["TransformerBlock", torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor
-]
+# Runs one layer of a step: (layer, h, cos, sin, slots, positions, mask, keys_window, values_window) -> h.
+BlockRunner = Callable[..., torch.Tensor]
 
 
 class Transformer(nn.Module):
@@ -298,7 +302,10 @@ class Transformer(nn.Module):
         columns = tokens.shape[1]
         if columns >= PREFILL_PAD_FROM and columns % PREFILL_ROW_BLOCK:
             tokens, positions = self.pad_columns(tokens, positions, round_up(columns, PREFILL_ROW_BLOCK))
-        logits = self.run(tokens, positions, slots, kv_len, all_logits=all_logits, columns=columns)
+        first_slot = 0 if slots is None else first_of_run(slots)  # consecutive slots: read in place, not gathered
+        if first_slot is not None:
+            slots = None
+        logits = self.run(tokens, positions, slots, kv_len, all_logits=all_logits, columns=columns, first_slot=first_slot or 0)
         return logits[:, :columns] if all_logits else logits
 
     def pad_columns(self, tokens: torch.Tensor, positions: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,13 +328,15 @@ class Transformer(nn.Module):
         block: BlockRunner | None = None,
         rows: int | None = None,
         columns: int | None = None,
+        first_slot: int = 0,
     ) -> torch.Tensor:
         """`forward` past its checks, on inputs already checked (model/static_step.py calls it too).
 
         The mask and RoPE tables are built once per step, not per layer. block runs each layer
         (default: the layer itself; StaticStep passes its compiled one); rows keeps the logits of the
         first `rows` rows only (the rest pad the batch to a fixed shape), and `columns` says how many
-        columns are real (the last real one gives the logits; the rest pad the chunk: forward).
+        columns are real (the last real one gives the logits; the rest pad the chunk: forward). With
+        slots=None, row b uses slot first_slot + b.
         """
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
@@ -335,8 +344,11 @@ class Transformer(nn.Module):
         sin = self.rope_sin[positions][:, None]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            assert isinstance(layer, TransformerBlock)
-            h = layer(h, cos, sin, slots, positions, mask) if block is None else block(layer, h, cos, sin, slots, positions, mask)
+            assert isinstance(layer, TransformerBlock) and layer.attention.cache is not None, "setup_cache() first"
+            # slots=None: row b is slot first_slot + b, read in place through views of those slots.
+            window = (None, None) if slots is not None else layer.attention.cache.window(first_slot, tokens.shape[0])
+            args = (h, cos, sin, slots, positions, mask, *window)
+            h = layer(*args) if block is None else block(layer, *args)
         h = h[:rows]
         h = self.norm(h if all_logits else h[:, (columns or tokens.shape[1]) - 1])
         # Decode rows, and the last column of prefill rows (several prompts may share a forward): fixed-shape GEMMs.

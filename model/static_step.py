@@ -9,9 +9,10 @@ cores. Prefill (one prompt chunk per forward, compute-bound) stays eager.
 
 Fixed shapes: the batch is padded up to a bucket (powers of two up to max_batch_size). Padding rows
 write their keys at their slot's scratch position (Transformer.setup_cache), which no query reads,
-and their logits are dropped before the head. When row b is slot b (the engine's usual case: it
-fills slots lowest first and decodes in slot order) the padding rows take the next slots and every
-row reads its keys in place, with no gather. Keys are read up to a multiple of the model's
+and their logits are dropped before the head. When the rows are on consecutive slots s, s + 1, ...
+(one stream always is; the engine decodes in slot order) the padding rows take the next slots and
+every row reads its keys in place through views of those slots, with no gather (which cost a quarter
+of a one-row step). Keys are read up to a multiple of the model's
 `decode_key_block` (the mask does the rest) and that length is a dynamic dimension of the one graph, so a longer context costs no
 recompile. Host-side checks run before the compiled region, never inside it.
 
@@ -29,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from model.invariance import round_up
+from model.kv_cache import first_of_run
 from model.llama import Transformer, TransformerBlock
 
 log = logging.getLogger(__name__)
@@ -108,8 +110,12 @@ class StaticStep:
             return self.model(tokens, positions, slots, kv_len=kv_len, all_logits=all_logits)
         kv_len = self.model.check_inputs(tokens, positions, slots, kv_len)
         bucket = next(b for b in self.buckets if b >= tokens.shape[0])
-        block = self.model.decode_key_block
-        return self._padded(tokens, positions, slots, bucket, min(round_up(kv_len, block), self.model.cache_len))
+        kv_len = min(round_up(kv_len, self.model.decode_key_block), self.model.cache_len)
+        # Rows on consecutive slots, padding rows on the slots after them, read their keys in place.
+        first = 0 if slots is None else first_of_run(slots)
+        if first is not None and first + bucket <= self.max_batch_size:
+            return self._padded(tokens, positions, None, bucket, kv_len, first)
+        return self._padded(tokens, positions, slots, bucket, kv_len)
 
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
@@ -135,10 +141,10 @@ class StaticStep:
 
     @torch.inference_mode()
     def _padded(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None, bucket: int, kv_len: int
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None, bucket: int, kv_len: int, first: int = 0
     ) -> torch.Tensor:
         """The decode step on `bucket` rows. Padding rows hold token 0 at the scratch position of the
-        next slots (keys read in place) or of row 0's slot (keys gathered)."""
+        next slots (slots=None: row b is slot first + b, keys read in place) or of row 0's slot (keys gathered)."""
         # Two graphs per bucket, all kept (dynamo's default limit is 8 per function). Dynamo's config is
         # per thread, and the engine's thread is not the one that built this.
         if self.compiled is not None and torch._dynamo.config.recompile_limit < self.recompile_limit:
@@ -149,12 +155,12 @@ class StaticStep:
         positions = torch.cat([positions, positions.new_full((pad, 1), self.model.scratch_position)])
         if slots is not None:
             slots = torch.cat([slots, slots[:1].expand(pad)])
-        return self.model.run(tokens, positions, slots, kv_len, block=self._block, rows=rows)
+        return self.model.run(tokens, positions, slots, kv_len, block=self._block, rows=rows, first_slot=first)
 
     def _block(self, layer: TransformerBlock, *args: torch.Tensor | None) -> torch.Tensor:
         if self.compiled is None:
             return run_block(layer, *args)
-        mask = args[-1]
+        mask = args[5]  # (h, cos, sin, slots, positions, mask, keys_window, values_window)
         assert mask is not None
         torch._dynamo.maybe_mark_dynamic(mask, 3)  # keys read: one graph for every multiple of the key block
         try:

@@ -107,3 +107,35 @@ def test_real_model_batched_matches_alone(smollm2_path: Path) -> None:
     for row in range(len(prompts)):
         assert batched[row] == alone[row], f"row {row}"
     assert batched[0][:5] == [504, 3575, 282, 4649, 314]  # default-model.md golden tokens
+
+
+def gathers(model: Transformer, *args: torch.Tensor, kv_len: int) -> tuple[int, torch.Tensor]:
+    """(how many times the forward gathered keys or values by slot (llamaserve::read_slots), its logits)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        logits = model(*args, kv_len=kv_len)
+    return sum(event.name == "llamaserve::read_slots" for event in prof.events()), logits
+
+
+def test_rows_on_consecutive_slots_read_their_keys_in_place_with_the_gathered_bits() -> None:
+    """One stream in slot 3, or rows on slots 2..4, read views of those slots instead of gathering copies
+    (a quarter of a one-row step); what they read and write is what the gathered path reads and writes."""
+    torch.manual_seed(0)
+    in_place, gathered = tiny_model(max_batch_size=6), tiny_model(max_batch_size=6)
+    prompts = {slot: [(7 * slot + i) % 200 + 1 for i in range(5 + 3 * slot)] for slot in range(6)}
+    for model in (in_place, gathered):
+        for slot, prompt in prompts.items():
+            model(torch.tensor([prompt]), torch.arange(len(prompt))[None], torch.tensor([slot]))
+    for rows in ([3], [2, 3, 4]):
+        slots = torch.tensor(rows)
+        tokens = torch.tensor([[11 + r] for r in rows])
+        positions = torch.tensor([[len(prompts[r])] for r in rows])
+        kv_len = int(positions.max()) + 1
+        calls, got = gathers(in_place, tokens, positions, slots, kv_len=kv_len)
+        with torch.inference_mode():
+            expected = gathered.run(tokens, positions, slots, kv_len)  # run() takes slots as given: a gather
+        assert calls == 0 and torch.equal(got, expected)
+    for layer_a, layer_b in zip(in_place.layers, gathered.layers):
+        assert torch.equal(layer_a.attention.cache.k, layer_b.attention.cache.k)
+        assert torch.equal(layer_a.attention.cache.v, layer_b.attention.cache.v)
+    calls, _ = gathers(in_place, torch.tensor([[5], [6]]), torch.tensor([[9], [20]]), torch.tensor([1, 4]), kv_len=21)
+    assert calls == 2 * len(in_place.layers)  # slots 1 and 4 are not a run: keys and values gathered in every layer
