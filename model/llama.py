@@ -326,7 +326,7 @@ class Transformer(nn.Module):
         *,
         all_logits: bool = False,
         block: BlockRunner | None = None,
-        rows: int | None = None,
+        rows: int | torch.Tensor | None = None,
         columns: int | None = None,
         first_slot: int = 0,
     ) -> torch.Tensor:
@@ -334,9 +334,9 @@ class Transformer(nn.Module):
 
         The mask and RoPE tables are built once per step, not per layer. block runs each layer
         (default: the layer itself; StaticStep passes its compiled one); rows keeps the logits of the
-        first `rows` rows only (the rest pad the batch to a fixed shape), and `columns` says how many
-        columns are real (the last real one gives the logits; the rest pad the chunk: forward). With
-        slots=None, row b uses slot first_slot + b.
+        first `rows` rows only, or of the rows at those indices (the rest pad the batch to a fixed
+        shape), and `columns` says how many columns are real (the last real one gives the logits; the
+        rest pad the chunk: forward). With slots=None, row b uses slot first_slot + b.
         """
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
@@ -349,7 +349,7 @@ class Transformer(nn.Module):
             window = (None, None) if slots is not None else layer.attention.cache.window(first_slot, tokens.shape[0])
             args = (h, cos, sin, slots, positions, mask, *window)
             h = layer(*args) if block is None else block(layer, *args)
-        h = h[:rows]
+        h = h.index_select(0, rows) if isinstance(rows, torch.Tensor) else h[:rows]
         h = self.norm(h if all_logits else h[:, (columns or tokens.shape[1]) - 1])
         # Decode rows, and the last column of prefill rows (several prompts may share a forward): fixed-shape GEMMs.
         if self.batch_invariant and (tokens.shape[1] == 1 or not all_logits):

@@ -111,11 +111,25 @@ class StaticStep:
         kv_len = self.model.check_inputs(tokens, positions, slots, kv_len)
         bucket = next(b for b in self.buckets if b >= tokens.shape[0])
         kv_len = min(round_up(kv_len, self.model.decode_key_block), self.model.cache_len)
-        # Rows on consecutive slots, padding rows on the slots after them, read their keys in place.
-        first = 0 if slots is None else first_of_run(slots)
-        if first is not None and first + bucket <= self.max_batch_size:
+        first = self.window_start(slots, bucket)
+        if first is None:
+            return self._padded(tokens, positions, slots, bucket, kv_len)
+        if slots is None or first_of_run(slots) == first:  # rows on the window's first slots, padding after them
             return self._padded(tokens, positions, None, bucket, kv_len, first)
-        return self._padded(tokens, positions, slots, bucket, kv_len)
+        return self._in_window(tokens, positions, slots - first, bucket, kv_len, first)
+
+    def window_start(self, slots: torch.Tensor | None, bucket: int) -> int | None:
+        """The first of `bucket` consecutive slots that hold every row, or None: the rows' keys are then
+        gathered. Within the window each row reads its keys in place and padding rows fill the slots
+        between them (a batch of 31 in 32 slots has a hole where a request just ended); gathering the
+        keys cost a quarter of a 32-row step here (docs/performance.md)."""
+        if slots is None:
+            return 0
+        if slots.device.type != "cpu":  # reading device values would cost a sync every step
+            return None
+        values = slots.tolist()
+        first = min(min(values), self.max_batch_size - bucket)
+        return first if max(values) < first + bucket and len(set(values)) == len(values) else None
 
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
@@ -156,6 +170,18 @@ class StaticStep:
         if slots is not None:
             slots = torch.cat([slots, slots[:1].expand(pad)])
         return self.model.run(tokens, positions, slots, kv_len, block=self._block, rows=rows, first_slot=first)
+
+    @torch.inference_mode()
+    def _in_window(
+        self, tokens: torch.Tensor, positions: torch.Tensor, offsets: torch.Tensor, bucket: int, kv_len: int, first: int
+    ) -> torch.Tensor:
+        """The decode step on the `bucket` slots from `first`: row i sits at offsets[i] of the window, and
+        padding rows (token 0 at the scratch position) fill the rest; the logits come back in row order."""
+        if self.compiled is not None and torch._dynamo.config.recompile_limit < self.recompile_limit:
+            torch._dynamo.config.recompile_limit = self.recompile_limit
+        placed_tokens = tokens.new_zeros(bucket, 1).index_copy_(0, offsets, tokens)
+        placed_positions = positions.new_full((bucket, 1), self.model.scratch_position).index_copy_(0, offsets, positions)
+        return self.model.run(placed_tokens, placed_positions, None, kv_len, block=self._block, rows=offsets, first_slot=first)
 
     def _block(self, layer: TransformerBlock, *args: torch.Tensor | None) -> torch.Tensor:
         if self.compiled is None:

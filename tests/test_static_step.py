@@ -49,24 +49,43 @@ def test_batch_buckets_are_powers_of_two_then_the_slot_count() -> None:
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
 
 
+def cache_gathers(prof: torch.profiler.profile) -> int:
+    """index_select calls on a (slots, heads, positions, head_dim) cache: keys or values gathered by slot
+    (llamaserve::read_slots; a compiled graph runs it without its own profiler event)."""
+    return sum(e.name == "aten::index_select" and len(e.input_shapes[0]) == 4 for e in prof.events())
+
+
 @pytest.mark.parametrize(
-    "rows", [[0, 1, 2], [2, 3, 4], [4, 1, 3]], ids=["slots-in-place", "slots-from-2-in-place", "slots-gathered"]
+    "rows, gathered",
+    [([0, 1, 2], False), ([2, 3, 4], False), ([0, 2, 3], False), ([4, 1, 3], False), ([5, 3, 4], False), ([5, 0, 3], True)],
+    ids=[
+        "slots-in-place",
+        "slots-from-2-in-place",
+        "window-with-a-hole",
+        "window-unordered",
+        "window-at-the-end",
+        "slots-gathered",
+    ],
 )
-def test_decode_matches_the_eager_forward_and_padding_touches_no_keys(rows: list[int]) -> None:
+def test_decode_matches_the_eager_forward_and_padding_touches_no_keys(rows: list[int], gathered: bool) -> None:
+    """3 rows make a bucket of 4. Rows inside 4 consecutive slots read their keys in place, padding rows
+    filling the other slots of that window (behind the rows, or in a hole between them); rows spread
+    wider are gathered. Either way: the eager forward's logits, and no readable key touched."""
     eager, fixed = invariant_tiny(), invariant_tiny()
     step = StaticStep(fixed, backend="aot_eager")
     prompts = [prompt(i, n) for i, n in enumerate((5, 30, 9, 520, 3, 12))]
     for model in (eager, fixed):
         for slot, tokens in enumerate(prompts):
             fill(model, slot, tokens)
-    # 3 rows: a bucket of 4, one padding row (on slot 5 for rows on slots 2..4)
     tokens = torch.tensor([[7], [8], [9]])
     positions = torch.tensor([[len(prompts[s])] for s in rows])
     slots = None if rows == [0, 1, 2] else torch.tensor(rows)
     kv_len = int(positions.max()) + 1
     with torch.inference_mode():
         expected = eager.run(tokens, positions, slots, eager.check_inputs(tokens, positions, slots, kv_len))  # gathered
-    got = step(tokens, positions, slots, kv_len=kv_len)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        got = step(tokens, positions, slots, kv_len=kv_len)
+    assert cache_gathers(prof) == (2 * len(fixed.layers) if gathered else 0)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for layer_eager, layer_fixed in zip(eager.layers, fixed.layers):
@@ -106,7 +125,8 @@ def test_one_graph_per_bucket_and_way_of_reading_keys_and_no_graph_break() -> No
     assert graphs == 2 * len(step.buckets)  # keys in place and gathered, for buckets 1, 2, 4
     for rows, kv_len in [(1, 1), (3, 200), (4, 513), (2, 600)]:  # any bucket, any key length: no new graph
         step(torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), kv_len - 1), None, kv_len=kv_len)
-    for slots in ([3], [1, 2], [2, 3], [0, 2, 3]):  # rows on slots from any first one, in place or gathered: no new graph
+    # Rows on slots from any first one, in place (in a window, holes and all) or gathered: no new graph.
+    for slots in ([3], [1, 2], [2, 3], [0, 2, 3], [3, 1], [0, 3]):
         rows = len(slots)
         step(torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), 9), torch.tensor(slots), kv_len=10)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
