@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from app.engine import Engine, GenerationOutput, GenerationRequest, RequestStatus
-from app.engine.prefix_cache import PrefixCache, common_prefix
+from app.engine.prefix_cache import PrefixCache, SlotContent, common_prefix
 from app.engine.request import Request, RequestTimings
-from app.engine.scheduler import Scheduler
+from app.engine.scheduler import PrefixCopy, Scheduler
 from app.stop import StopMatcher
 from model.checkpoint import load_model
 from model.invariance import make_batch_invariant
@@ -79,6 +79,63 @@ def test_admission_picks_the_longest_prefix_then_the_least_recently_used_slot() 
     assert off.choose([0, 1], [1, 2, 3, 4]) == (1, 0) and off.stats.queries == 0
 
 
+def test_a_request_that_reuses_nothing_takes_the_lowest_free_slot_and_that_slots_content_moves() -> None:
+    """Decoding rows on consecutive slots read their keys in place (model/static_step.py): a miss takes the
+    lowest free slot, and what that slot held is copied into the one the cache gives up (least recently used)."""
+
+    def loaded_cache(enabled: bool = True) -> PrefixCache:
+        cache = PrefixCache(4, chunk=512, exact=False, enabled=enabled)
+        for slot, last_used in ((0, 3.0), (1, 4.0), (2, 1.0), (3, 2.0)):  # slot 2 is the least recently used
+            cache.slots[slot] = SlotContent(tokens=[10 + slot] * 5, last_used=last_used)
+        return cache
+
+    cache = loaded_cache()
+    sched = Scheduler(4, 512, 8, threading.Condition(), cache, share_prefixes=True)
+    miss = waiting_request(0, [99] * 6)
+    sched.add(miss)
+    plan = sched.schedule()
+    assert miss.slot == 0 and plan.copies == [PrefixCopy(source=0, target=2, length=5)]
+    assert cache.slots[2].tokens == [10] * 5 and cache.slots[2].last_used == 3.0 and cache.slots[0].tokens == []
+    hit = waiting_request(1, [10] * 5 + [7])  # what slot 0 held is found where it moved
+    sched.add(hit)
+    plan = sched.schedule()
+    assert hit.slot == 2 and hit.num_cached == 5 and plan.copies == []
+
+    # Equals: slots 1 and 3 (free, 3 the least recently used) both offer the shared 4 tokens; slot 1 is
+    # taken, and its content moves to 3, whose own the request would have overwritten.
+    cache.slots[1] = SlotContent(tokens=[5, 5, 5, 5, 1, 1], last_used=9.0)
+    cache.slots[3] = SlotContent(tokens=[5, 5, 5, 5, 3], last_used=8.0)
+    tie = waiting_request(4, [5, 5, 5, 5, 2, 2])
+    sched.add(tie)
+    plan = sched.schedule()
+    assert (tie.slot, tie.num_cached) == (1, 4) and plan.copies == [PrefixCopy(source=1, target=3, length=6)]
+    assert cache.slots[3].tokens == [5, 5, 5, 5, 1, 1] and cache.slots[1].tokens == [5, 5, 5, 5]
+    holder = Scheduler(4, 512, 8, threading.Condition(), loaded_cache(), share_prefixes=True)
+    holder.add(longer := waiting_request(5, [12] * 4 + [6]))  # slot 2 offers more of it than the lowest free slot
+    assert holder.schedule().copies == [] and (longer.slot, longer.num_cached) == (2, 4)
+
+    cannot_copy = Scheduler(4, 512, 8, threading.Condition(), loaded_cache(), share_prefixes=False)
+    cannot_copy.add(miss := waiting_request(2, [99] * 6))
+    assert cannot_copy.schedule().copies == [] and miss.slot == 2  # the cache keeps slot 0's content
+    off = Scheduler(4, 512, 8, threading.Condition(), loaded_cache(enabled=False), share_prefixes=True)
+    off.add(miss := waiting_request(3, [99] * 6))
+    assert off.schedule().copies == [] and miss.slot == 0  # nothing is offered: nothing to keep
+
+
+def waiting_request(order: int, prompt: list[int]) -> Request:
+    handle = type("Handle", (), {"request_id": f"r{order}", "cancelled": False})()
+    return Request(
+        handle=handle,  # type: ignore[arg-type]
+        params=GenerationRequest(prompt, max_tokens=2),
+        stop_ids=frozenset(),
+        detokenizer=IncrementalDetokenizer(ByteTokenizer()),
+        matcher=StopMatcher([]),
+        timings=RequestTimings(arrival=0.0),
+        order=order,
+        tokens=list(prompt),
+    )
+
+
 # ---------------------------------------------------------------- the engine: same bits, cache on or off
 
 
@@ -122,6 +179,39 @@ def test_a_multi_turn_chat_gives_the_same_bits_with_the_cache_and_reuses_the_his
         assert ids_a == ids_b and lp_a == lp_b, f"turn {turn}"
         assert cached_a == 0
     assert warm[0][2] == 0 and all(cached > 0 for _, _, cached in warm[1:]), [c for _, _, c in warm]
+
+
+def test_a_prefix_moved_out_of_the_way_by_a_miss_gives_the_same_bits_where_it_is_reused() -> None:
+    """A runs in slot 0; B (a miss) takes slot 0 and A's keys move to slot 1; C continues A's prompt and
+    reuses them there. Every token and logprob is the cache-off engine's."""
+    a = [(13 * j + 5) % 256 for j in range(70)]
+    prompts = [a, [(7 * j + 1) % 256 for j in range(50)], a + [(3 * j) % 256 for j in range(20)]]
+
+    def serve(prefix_cache: bool) -> list[tuple[list[int], list[float], int, int]]:
+        engine = invariant_engine(prefix_cache=prefix_cache, slots=3)
+
+        async def one_by_one() -> list[tuple[list[int], list[float], int, int]]:
+            results = []
+            for prompt in prompts:
+                handle = engine.submit(
+                    GenerationRequest(prompt, sampling=SamplingParams(temperature=0, logprobs=2), max_tokens=6)
+                )
+                outputs: list[GenerationOutput] = await collect(handle)
+                ids = [t for o in outputs for t in o.token_ids]
+                logprobs = [lp.logprob for o in outputs for lp in (o.logprobs or [])]
+                slots = engine.prefix_cache.snapshot()
+                results.append((ids, logprobs, outputs[-1].num_cached_tokens, sum(s["cached_tokens"] > 0 for s in slots)))
+            return results
+
+        try:
+            return run(one_by_one())
+        finally:
+            engine.shutdown()
+
+    cold, warm = serve(False), serve(True)
+    assert [(ids, lp) for ids, lp, _, _ in cold] == [(ids, lp) for ids, lp, _, _ in warm]
+    # C reuses A's dense chunks (2 x 32 of 70 tokens) from where they moved; after B two slots hold prompts.
+    assert [(cached, held) for _, _, cached, held in warm] == [(0, 1), (0, 2), (64, 2)]
 
 
 def test_echo_with_prompt_logprobs_reuses_nothing_and_a_failed_slot_offers_nothing() -> None:

@@ -133,6 +133,10 @@ class PrefixCache:
         elif not self.exact:
             content.tokens = tokens[:num_cached]
 
+    def move(self, source: int, target: int) -> None:
+        """What `source` holds now lives in `target` (the scheduler copied its keys there); `source` holds nothing."""
+        self.slots[target], self.slots[source] = self.slots[source], SlotContent()
+
     def forget_all(self) -> None:
         for content in self.slots:
             content.tokens = []
