@@ -162,6 +162,14 @@ class Sampler:
         self.frequency[slot] = params.frequency_penalty
         self.repetition[slot] = max(params.repetition_penalty, MIN_PENALTY)
 
+    def move_slot(self, source: int, target: int) -> None:
+        """The request in `source` continues in `target` (the engine moved its keys there): its state goes with it."""
+        per_slot = (self.counts, self.in_prompt, self.bias, self.suppress_ids, self.temperature, self.top_p, self.top_k)
+        for state in (*per_slot, self.min_p, self.presence, self.frequency, self.repetition):
+            state[target] = state[source]
+        self.params[target], self.generators[target] = self.params[source], self.generators[source]
+        self.generators[source] = None
+
     def sample(
         self,
         logits: torch.Tensor,

@@ -9,12 +9,16 @@ cores. Prefill (one prompt chunk per forward, compute-bound) stays eager.
 
 Fixed shapes: the batch is padded up to a bucket (powers of two up to max_batch_size). Padding rows
 write their keys at their slot's scratch position (Transformer.setup_cache), which no query reads,
-and their logits are dropped before the head. When the rows are on consecutive slots s, s + 1, ...
-(one stream always is; the engine decodes in slot order) the padding rows take the next slots and
-every row reads its keys in place through views of those slots, with no gather (which cost a quarter
-of a one-row step). Keys are read up to a multiple of the model's
-`decode_key_block` (the mask does the rest) and that length is a dynamic dimension of the one graph, so a longer context costs no
-recompile. Host-side checks run before the compiled region, never inside it.
+and their logits are dropped before the head. Rows read their keys in place, through views of a
+window of `bucket` consecutive slots in which padding rows fill the slots no row holds; gathering
+the keys by slot cost a quarter of a one-row step. The engine keeps decoding requests within such a
+window (it moves one into a free slot when they spread: app/engine/scheduler.py); rows it could not
+bring together run in the smallest bucket whose window holds them. So on the CPU every graph reads
+in place, one per bucket; on an accelerator, where finding the window would read device values every
+step, rows not on slots 0, 1, ... are gathered (a second graph per bucket). Keys are read up to a
+multiple of the model's `decode_key_block` (the mask does the rest) and that length is a dynamic
+dimension of the one graph, so a longer context costs no recompile. Host-side checks run before the
+compiled region, never inside it.
 
 Where Inductor cannot run (no C++ compiler, an unsupported torch) the step falls back to eager and
 says why in the log; `--no-compile` turns it off.
@@ -112,6 +116,11 @@ class StaticStep:
         bucket = next(b for b in self.buckets if b >= tokens.shape[0])
         kv_len = min(round_up(kv_len, self.model.decode_key_block), self.model.cache_len)
         first = self.window_start(slots, bucket)
+        if first is None and slots is not None and slots.device.type == "cpu":
+            # Rows spread wider than their bucket (the engine's scheduler moves them together where a free
+            # slot allows): the smallest bucket whose window holds them, still in place. The widest bucket
+            # spans every slot, so on the CPU nothing is gathered and gathered graphs need no compiling.
+            bucket, first = next((b, f) for b in self.buckets if b > bucket and (f := self.window_start(slots, b)) is not None)
         if first is None:
             return self._padded(tokens, positions, slots, bucket, kv_len)
         if slots is None or first_of_run(slots) == first:  # rows on the window's first slots, padding after them
@@ -131,6 +140,12 @@ class StaticStep:
         first = min(min(values), self.max_batch_size - bucket)
         return first if max(values) < first + bucket and len(set(values)) == len(values) else None
 
+    def decode_window(self, rows: int) -> int | None:
+        """How many consecutive slots `rows` decode rows must lie within to read their keys in place (their
+        bucket), or None where they never do (a cache on an accelerator: finding the window would read
+        device values every step). The scheduler keeps decoding requests that close (app/engine/scheduler.py)."""
+        return next(b for b in self.buckets if b >= rows) if self.model.device.type == "cpu" else None
+
     @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         self.model.copy_prefix(source, target, length)
@@ -139,15 +154,17 @@ class StaticStep:
         """Compile every batch bucket now (start-up) rather than on the first request of that size.
 
         Runs one row at position 0 of slot 0 (what a new request overwrites first), padded to each
-        bucket, reading keys in place and gathered by slot (a graph each). progress is called after
-        each bucket with (done, total, bucket, seconds). Returns the seconds it took.
+        bucket, reading keys in place, and on an accelerator also gathered by slot (a graph each; on the
+        CPU rows are always read in place: __call__). progress is called after each bucket with (done,
+        total, bucket, seconds). Returns the seconds it took.
         """
         start = time.monotonic()
         zero = torch.zeros(1, 1, dtype=torch.long, device=self.model.device)
         kv_len = min(self.model.decode_key_block, self.model.cache_len)
+        ways = (None,) if self.model.device.type == "cpu" else (None, zero[0])
         for done, bucket in enumerate(self.buckets, 1):
             t = time.monotonic()
-            for slots in (None, zero[0]):
+            for slots in ways:
                 self._padded(zero, zero, slots, bucket, kv_len)
             if progress is not None:
                 progress(done, len(self.buckets), bucket, time.monotonic() - t)
@@ -159,8 +176,8 @@ class StaticStep:
     ) -> torch.Tensor:
         """The decode step on `bucket` rows. Padding rows hold token 0 at the scratch position of the
         next slots (slots=None: row b is slot first + b, keys read in place) or of row 0's slot (keys gathered)."""
-        # Two graphs per bucket, all kept (dynamo's default limit is 8 per function). Dynamo's config is
-        # per thread, and the engine's thread is not the one that built this.
+        # Up to two graphs per bucket, all kept (dynamo's default limit is 8 per function). Dynamo's config
+        # is per thread, and the engine's thread is not the one that built this.
         if self.compiled is not None and torch._dynamo.config.recompile_limit < self.recompile_limit:
             torch._dynamo.config.recompile_limit = self.recompile_limit
         rows, pad = tokens.shape[0], bucket - tokens.shape[0]

@@ -122,6 +122,44 @@ def test_a_request_that_reuses_nothing_takes_the_lowest_free_slot_and_that_slots
     assert off.schedule().copies == [] and miss.slot == 0  # nothing is offered: nothing to keep
 
 
+def test_decoding_rows_spread_wider_than_the_model_reads_in_place_move_into_free_slots_between_them() -> None:
+    """Requests ending leave the decode rows on slots 1, 6 and 7 of 8: three rows need a window of 4
+    (model/static_step.py's buckets). The window holding the most rows is 4-7; slot 1's request moves into
+    its lowest free slot with its keys and sampling state, and slot 1 still offers what it held."""
+
+    def bucket(rows: int) -> int:
+        return next(b for b in (1, 2, 4, 8) if b >= rows)
+
+    cache = PrefixCache(8, chunk=512, exact=False)
+    sched = Scheduler(8, 512, 8, threading.Condition(), cache, share_prefixes=True, decode_window=bucket)
+    decoding = {}
+    for slot, length in ((1, 9), (6, 4), (7, 5)):
+        request = waiting_request(slot, [slot] * length)
+        request.slot, request.status, request.num_cached = slot, RequestStatus.DECODING, length + 2
+        cache.slots[slot] = SlotContent(tokens=[slot] * length)
+        sched.running[slot] = decoding[slot] = request
+        sched.free.remove(slot)
+    plan = sched.schedule()
+    assert plan.copies == [PrefixCopy(source=1, target=4, length=11, moves_request=True)]
+    assert [r.slot for r in plan.decode] == [4, 6, 7] and decoding[1].slot == 4 and sched.running[4] is decoding[1]
+    assert sorted(sched.free) == [0, 1, 2, 3, 5]
+    assert cache.slots[4].tokens == [1] * 9 and cache.slots[1].tokens == [1] * 9  # its keys are still in slot 1 too
+    assert sched.schedule().copies == []  # together now: nothing more moves
+
+    # No window has room for every row: prefilling requests hold the slots between them.
+    crowded = Scheduler(4, 512, 8, threading.Condition(), PrefixCache(4, chunk=512), share_prefixes=True, decode_window=bucket)
+    decode, prefill = RequestStatus.DECODING, RequestStatus.PREFILLING
+    for slot, status in ((0, decode), (1, prefill), (2, prefill), (3, decode)):
+        request = waiting_request(slot, [slot] * 3)
+        request.slot, request.status, request.num_cached = slot, status, 3
+        crowded.running[slot] = request
+        crowded.free.remove(slot)
+    plan = crowded.schedule()
+    assert [c for c in plan.copies if c.moves_request] == [] and [r.slot for r in plan.decode] == [0, 3]
+    # A model that cannot copy between slots never moves a request.
+    assert Scheduler(8, 512, 8, threading.Condition(), cache, share_prefixes=False, decode_window=bucket).decode_window is None
+
+
 def waiting_request(order: int, prompt: list[int]) -> Request:
     handle = type("Handle", (), {"request_id": f"r{order}", "cancelled": False})()
     return Request(

@@ -16,7 +16,7 @@ import torch
 
 import model.static_step as static_step
 from app.engine import Engine, GenerationRequest
-from model.invariance import KV_BLOCK, make_batch_invariant
+from model.invariance import KV_BLOCK, make_batch_invariant, round_up
 from model.sampling import SamplingParams
 from model.static_step import StaticStep, batch_buckets, run_block
 from model.tokenizer import ByteTokenizer
@@ -56,21 +56,32 @@ def cache_gathers(prof: torch.profiler.profile) -> int:
 
 
 @pytest.mark.parametrize(
-    "rows, gathered",
-    [([0, 1, 2], False), ([2, 3, 4], False), ([0, 2, 3], False), ([4, 1, 3], False), ([5, 3, 4], False), ([5, 0, 3], True)],
+    "rows, way",
+    [
+        ([0, 1, 2], "in place"),
+        ([2, 3, 4], "in place"),
+        ([0, 2, 3], "in place"),
+        ([4, 1, 3], "in place"),
+        ([5, 3, 4], "in place"),
+        ([5, 0, 3], "wider bucket"),
+        ([5, 0, 3], "gathered"),
+    ],
     ids=[
         "slots-in-place",
         "slots-from-2-in-place",
         "window-with-a-hole",
         "window-unordered",
         "window-at-the-end",
-        "slots-gathered",
+        "spread-rows-in-a-wider-bucket",
+        "spread-rows-gathered-as-on-an-accelerator",
     ],
 )
-def test_decode_matches_the_eager_forward_and_padding_touches_no_keys(rows: list[int], gathered: bool) -> None:
+def test_decode_matches_the_eager_forward_and_padding_touches_no_keys(rows: list[int], way: str) -> None:
     """3 rows make a bucket of 4. Rows inside 4 consecutive slots read their keys in place, padding rows
     filling the other slots of that window (behind the rows, or in a hole between them); rows spread
-    wider are gathered. Either way: the eager forward's logits, and no readable key touched."""
+    wider run in place in the next bucket whose window holds them (here all 6 slots); an accelerator,
+    which cannot look at the slots, gathers them. Either way: the eager forward's logits, and no
+    readable key touched."""
     eager, fixed = invariant_tiny(), invariant_tiny()
     step = StaticStep(fixed, backend="aot_eager")
     prompts = [prompt(i, n) for i, n in enumerate((5, 30, 9, 520, 3, 12))]
@@ -84,8 +95,11 @@ def test_decode_matches_the_eager_forward_and_padding_touches_no_keys(rows: list
     with torch.inference_mode():
         expected = eager.run(tokens, positions, slots, eager.check_inputs(tokens, positions, slots, kv_len))  # gathered
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        got = step(tokens, positions, slots, kv_len=kv_len)
-    assert cache_gathers(prof) == (2 * len(fixed.layers) if gathered else 0)
+        if way == "gathered":  # what __call__ does with slots in device memory
+            got = step._padded(tokens, positions, slots, 4, round_up(kv_len, fixed.decode_key_block))
+        else:
+            got = step(tokens, positions, slots, kv_len=kv_len)
+    assert cache_gathers(prof) == (2 * len(fixed.layers) if way == "gathered" else 0)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for layer_eager, layer_fixed in zip(eager.layers, fixed.layers):
@@ -122,10 +136,10 @@ def test_one_graph_per_bucket_and_way_of_reading_keys_and_no_graph_break() -> No
     step = StaticStep(model, backend="aot_eager")
     step.warm_up()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs == 2 * len(step.buckets)  # keys in place and gathered, for buckets 1, 2, 4
+    assert graphs == len(step.buckets)  # keys in place, for buckets 1, 2, 4 (on the CPU nothing is gathered)
     for rows, kv_len in [(1, 1), (3, 200), (4, 513), (2, 600)]:  # any bucket, any key length: no new graph
         step(torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), kv_len - 1), None, kv_len=kv_len)
-    # Rows on slots from any first one, in place (in a window, holes and all) or gathered: no new graph.
+    # Rows on slots from any first one, in a window (holes and all) or spread into a wider one: no new graph.
     for slots in ([3], [1, 2], [2, 3], [0, 2, 3], [3, 1], [0, 3]):
         rows = len(slots)
         step(torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), 9), torch.tensor(slots), kv_len=10)
@@ -151,7 +165,7 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch(backend: str) -> None:
     alone = decode([(target, 0)])[0]
     crowds = [
         [(target, 0), (others[0], 1), (others[1], 2)],  # in place, bucket 4, a second key block
-        [(others[2], 1), (target, 5)],  # gathered, bucket 2
+        [(others[2], 1), (target, 5)],  # spread: 2 rows in bucket 6's window
         [(others[0], 0), (others[1], 1), (others[2], 2), (target, 3), (others[3], 4), (others[4], 5)],  # bucket 6
     ]
     for crowd in crowds:
@@ -222,14 +236,18 @@ def test_inductor_engine_requests_alone_and_together_give_the_same_tokens() -> N
 
 def test_every_bucket_keeps_its_graphs_when_warmed_up_on_another_thread() -> None:
     """The engine warms up on its own thread, where dynamo's (per-thread) recompile limit is 8 again:
-    32 slots make 12 graphs, and none may fall back to eager."""
+    32 slots make 6 graphs, and none may fall back to eager: rows on any slots then compile nothing."""
     import threading
 
     step = StaticStep(invariant_tiny(max_batch_size=32, max_seq_len=64), backend="aot_eager")
     worker = threading.Thread(target=step.warm_up)
     worker.start()
     worker.join()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * len(step.buckets) == 12
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(step.buckets) == 6
+    for slots in ([31], [0, 31], [3, 9, 17], list(range(0, 32, 2)), list(range(1, 32))):
+        rows = len(slots)
+        step(torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), 5), torch.tensor(slots), kv_len=6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 6 and step.fallback_reason is None
 
 
 def test_inductor_decode_rows_get_the_same_bits_whatever_key_length_the_batch_reads() -> None:
@@ -254,3 +272,41 @@ def test_inductor_decode_rows_get_the_same_bits_whatever_key_length_the_batch_re
     for beside in (block + 5, min(5 * block - 3, 599)):
         assert torch.equal(decode_short(beside), alone), f"beside a row of {beside} keys"
     assert step.fallback_reason is None
+
+
+def test_a_request_moved_to_bring_the_decode_rows_together_keeps_its_bits_and_its_sampling_state() -> None:
+    """A, B, C take slots 0, 1, 2; B ends after two tokens, leaving rows on slots 0 and 2, wider than their
+    bucket of 2: the scheduler moves C into slot 1 with its keys, seed and penalty counts. Every token and
+    logprob is what each request gets alone."""
+    greedy = SamplingParams(temperature=0, logprobs=2)
+    seeded = SamplingParams(temperature=0.9, seed=7, presence_penalty=0.5, frequency_penalty=0.3, logprobs=2)
+    requests = [
+        GenerationRequest(prompt_ids=prompt(1, 20), sampling=greedy, max_tokens=24, ignore_eos=True),
+        GenerationRequest(prompt_ids=prompt(2, 9), sampling=greedy, max_tokens=2, ignore_eos=True),
+        GenerationRequest(prompt_ids=prompt(3, 30), sampling=seeded, max_tokens=20, ignore_eos=True),
+    ]
+
+    def serve(batch: list[GenerationRequest]) -> tuple[list[list[tuple[int, float]]], list[tuple[int, int, int]]]:
+        step = StaticStep(invariant_tiny(max_batch_size=4, max_seq_len=128), backend="aot_eager")
+        copies: list[tuple[int, int, int]] = []
+        copy_prefix = step.copy_prefix
+        step.copy_prefix = lambda s, t, n: (copies.append((s, t, n)), copy_prefix(s, t, n))[1]  # type: ignore[method-assign]
+        engine = Engine(step, ByteTokenizer(), max_batch_size=4, max_seq_len=128)  # type: ignore[arg-type]
+        engine.start()
+
+        async def generate() -> list[list[tuple[int, float]]]:
+            import asyncio
+
+            outputs = await asyncio.gather(*(collect(engine.submit(r)) for r in batch))
+            return [[(t, lp.logprob) for o in out for t, lp in zip(o.token_ids, o.logprobs or [])] for out in outputs]
+
+        try:
+            return run(generate(), timeout=300), copies
+        finally:
+            engine.shutdown()
+
+    together, copies = serve(requests)
+    assert copies == [(2, 1, 31)]  # C, 30 prompt tokens and its first token's keys, after B ended
+    for request, got in zip(requests, together):
+        (alone,), _ = serve([request])
+        assert len(got) == request.max_tokens and got == alone

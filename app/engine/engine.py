@@ -108,7 +108,13 @@ class Engine:
             max_batch_size, prefill_chunk, enabled=prefix_cache, exact=bool(getattr(model, "batch_invariant", False))
         )
         self.scheduler = Scheduler(
-            max_batch_size, prefill_chunk, max_queue, self._cond, self.prefix_cache, share_prefixes=hasattr(model, "copy_prefix")
+            max_batch_size,
+            prefill_chunk,
+            max_queue,
+            self._cond,
+            self.prefix_cache,
+            share_prefixes=hasattr(model, "copy_prefix"),
+            decode_window=getattr(model, "decode_window", None),
         )
         self.runner = ModelRunner(model, max_batch_size)
         self.output_processor = OutputProcessor(max_seq_len)

@@ -151,6 +151,8 @@ class ModelRunner:
         self.masks.start([r.params.grammar for r in to_sample])
         for copy in plan.copies:
             self.model.copy_prefix(copy.source, copy.target, copy.length)  # type: ignore[attr-defined]
+            if copy.moves_request:
+                self.sampler.move_slot(copy.source, copy.target)
         last_logits: dict[int, torch.Tensor] = {}
         for group in self._packs(chunks):
             for chunk, last in zip(group, self._prefill(group)):

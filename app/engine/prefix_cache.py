@@ -137,6 +137,13 @@ class PrefixCache:
         """What `source` holds now lives in `target` (the scheduler copied its keys there); `source` holds nothing."""
         self.slots[target], self.slots[source] = self.slots[source], SlotContent()
 
+    def moved(self, source: int, target: int) -> None:
+        """A running request moved from `source` to `target` with its keys: what it holds goes along, and
+        `source`, whose keys stay where they were, keeps offering the same tokens."""
+        content = self.slots[source]
+        self.slots[target] = content
+        self.slots[source] = SlotContent(list(content.tokens), time.monotonic())
+
     def forget_all(self) -> None:
         for content in self.slots:
             content.tokens = []

@@ -4,7 +4,8 @@ The scheduler owns the waiting queue and the slot table and nothing else: it nev
 A waiting request takes the free slot that holds the longest reusable prefix of its prompt (the prefix
 cache: app/engine/prefix_cache.py) and prefills only the rest; where the lowest free slot offers as much,
 it takes that one, so decoding rows stay on consecutive slots (read in place), and what that slot held
-moves to the slot the cache would have given up.
+moves to the slot the cache would have given up. Where requests ending leave the decoding rows spread
+wider than the model reads in place, one moves into a free slot between the others (_bring_together).
 Prefill is chunked: at most `prefill_chunk` prompt tokens per step in all, first come first served,
 each prompt cut at multiples of `prefill_chunk` from its own start (so its numbers never depend on the
 other prompts: model/invariance.py). A long prompt therefore delays
@@ -18,6 +19,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from app.engine.prefix_cache import PrefixCache
 from app.engine.request import EngineOverloaded, Request, RequestStatus
@@ -43,6 +45,7 @@ class PrefixCopy:
     source: int
     target: int
     length: int
+    moves_request: bool = False  # the request in `source` continues in `target`: its sampling state goes too
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Scheduler:
         lock: threading.Condition,
         prefix_cache: PrefixCache | None = None,
         share_prefixes: bool = False,
+        decode_window: Callable[[int], int | None] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
@@ -86,6 +90,9 @@ class Scheduler:
         self.prefix_cache = prefix_cache or PrefixCache(max_batch_size, prefill_chunk, enabled=False)
         self.can_copy = share_prefixes  # the model copies keys between slots (copy_prefix)
         self.share_prefixes = share_prefixes and self.prefix_cache.enabled
+        # How many consecutive slots n decoding rows must lie within for the model to read their keys in
+        # place (model/static_step.StaticStep.decode_window); None: the model has no such rule.
+        self.decode_window = decode_window if share_prefixes else None  # bringing rows together copies keys
 
     def add(self, request: Request) -> None:
         """Queue a request (event loop, under `lock`); raises EngineOverloaded when the queue is full."""
@@ -105,6 +112,7 @@ class Scheduler:
             return plan
         self._admit(plan)
         plan.decode = [r for _, r in sorted(self.running.items()) if r.status is RequestStatus.DECODING]
+        self._bring_together(plan)
         plan.prefill = self._prefill_chunks(plan.copies)
         return plan
 
@@ -187,6 +195,37 @@ class Scheduler:
             copies.append(PrefixCopy(lowest, chosen, held))
             cache.move(lowest, chosen)
         return lowest
+
+    def _bring_together(self, plan: StepPlan) -> None:
+        """Move decoding requests into free slots until the decode rows lie within the window the model
+        reads in place (a 2-row step on slots 0 and 20 would otherwise run as a 32-row one). Keeps the
+        window holding the most rows (the lowest among equals), so the fewest requests move; each move
+        copies the request's keys once (`moves_request`), about a millisecond for a few hundred tokens.
+        Where free slots inside no window suffice (prefilling requests hold them), nothing moves."""
+        rows = plan.decode
+        width = self.decode_window(len(rows)) if self.decode_window is not None and rows else None
+        slots = [r.slot for r in rows]
+        if width is None or max(slots) - min(slots) < width:
+            return
+        free, best, best_inside = set(self.free), -1, -1
+        for start in range(self.max_batch_size - width + 1):
+            inside = sum(start <= s < start + width for s in slots)
+            room = sum(s in free for s in range(start, start + width))
+            if room >= len(rows) - inside and inside > best_inside:
+                best, best_inside = start, inside
+        if best < 0:
+            return
+        targets = sorted(s for s in free if best <= s < best + width)
+        for request, target in zip([r for r in rows if not best <= r.slot < best + width], targets):
+            source = request.slot
+            plan.copies.append(PrefixCopy(source, target, request.num_cached, moves_request=True))
+            self.prefix_cache.moved(source, target)
+            del self.running[source]
+            self.running[target] = request
+            self.free.remove(target)
+            self.free.append(source)
+            request.slot = target
+        rows.sort(key=lambda r: r.slot)
 
     def _next_waiting(self) -> Request:
         """The oldest waiting request of the group (API request) with the fewest choices in slots.
