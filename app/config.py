@@ -55,6 +55,11 @@ class Settings(BaseSettings):
         True,
         description="reuse the keys of a prompt prefix a finished request left in its slot (same outputs, faster first token)",
     )
+    recompute_answers: bool = Field(
+        True,
+        description="while idle, recompute a finished answer's keys with prefill kernels, so that the exact prefix cache "
+        "offers the whole exchange to a chat's next turn (batch-invariant models; no effect on outputs)",
+    )
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads (default: torch's choice; the cores shared out between tensor-parallel ranks)"
     )

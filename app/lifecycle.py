@@ -152,6 +152,7 @@ class ServerState:
                 max_queue=self.settings.max_queue,
                 prefill_chunk=self.settings.prefill_chunk,
                 prefix_cache=self.settings.prefix_cache,
+                recompute_answers=self.settings.recompute_answers,
             )
             self.engine.start()
             self.metrics.bind(self.engine.stats)

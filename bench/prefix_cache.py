@@ -5,7 +5,7 @@ on by default), one server after another in one run.
 Two workloads, both streamed chat completions at temperature 0:
 - multi-turn: `--conversations` chats run side by side, each `--turns` turns long, each opening with the
   same ~500-token instructions; every turn resends the history (the model's own answers included) plus
-  a new question, as chat clients do;
+  a new question, as chat clients do, `--think-time` seconds after the answer (0: at once);
 - shared system prompt: `--shared-requests` independent requests with one ~500-token system prompt and
   their own question, `--shared-concurrency` at a time.
 Prints TTFT p50/p90 per turn for each server, the ratios issue 13 targets, and writes --json.
@@ -81,6 +81,8 @@ async def multi_turn(url: str, model: str, args: argparse.Namespace) -> list[lis
         async def talk(c: int) -> None:
             messages = [{"role": "system", "content": f"{system}This is conversation {c}."}]  # an agent's long instructions
             for turn in range(args.turns):
+                if turn and args.think_time:
+                    await asyncio.sleep(args.think_time)  # the user reads the answer before replying
                 messages.append({"role": "user", "content": question(c, turn)})
                 ttft, answer = await chat_ttft(client, model, messages, args.max_tokens)
                 per_turn[turn].append(ttft)
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--think-time", type=float, default=0.0, help="seconds a user reads an answer before the next turn")
     parser.add_argument("--system-repeat", type=int, default=10, help="times the instructions repeat (10: ~500 tokens)")
     parser.add_argument("--shared-requests", type=int, default=16)
     parser.add_argument("--shared-concurrency", type=int, default=4)

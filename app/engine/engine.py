@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.handle import END, OutputQueue, RequestHandle
+from app.engine.idle_work import answer_recompute
 from app.engine.model_runner import CausalLM, ModelRunner, StepResult
 from app.engine.output_processor import OutputProcessor
 from app.engine.prefix_cache import PrefixCache
@@ -88,6 +89,7 @@ class Engine:
         max_queue: int = 256,
         prefill_chunk: int = 512,
         prefix_cache: bool = True,
+        recompute_answers: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_batch_size > model.max_batch_size:
             raise ValueError(f"max_batch_size {max_batch_size} must be in 1..{model.max_batch_size} (the model's cache)")
@@ -118,6 +120,7 @@ class Engine:
         )
         self.runner = ModelRunner(model, max_batch_size)
         self.output_processor = OutputProcessor(max_seq_len)
+        self.recompute_answers = recompute_answers  # app/engine/idle_work.py
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -215,7 +218,8 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._cond:  # admission moves a request from waiting to running under this lock
-            running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+            running = sum(not r.idle_work for r in self.scheduler.running.values())
+            waiting = len(self.scheduler.waiting)
         return EngineStats(
             running=running,
             waiting=waiting,
@@ -304,7 +308,7 @@ class Engine:
             self._fail(request, error)
         failed = {id(request) for request, _ in result.failed}  # their chunks were planned but never read
         prefilled = sum(chunk.length for chunk in plan.prefill if id(chunk.request) not in failed)
-        self._prompt_tokens_total += prefilled
+        self._prompt_tokens_total += prefilled - sum(c.length for c in plan.prefill if c.request.idle_work)
         self._deliver(result)
         return prefilled
 
@@ -325,6 +329,10 @@ class Engine:
                 )
             if output.finish_reason is not None:
                 self.scheduler.release(request)
+                if self.recompute_answers and self._accepting and output.finish_reason in ("stop", "length"):
+                    work = answer_recompute(request, self.prefix_cache, self.tokenizer, self.max_seq_len, next(self._ids))
+                    if work is not None:
+                        self.scheduler.add_idle_work(work)
             request.handle.put(output)
 
     def _new_request(self, handle: RequestHandle, params: GenerationRequest, order: int, group: str) -> Request:
@@ -343,7 +351,7 @@ class Engine:
 
     def _busy(self) -> bool:
         with self._cond:
-            return self.scheduler.has_work()
+            return self.scheduler.has_client_work()
 
     def _run(self) -> None:
         try:
@@ -359,7 +367,7 @@ class Engine:
                         worked = False
                     with self._cond:
                         while not self._stopping and not self.scheduler.has_work():
-                            self._cond.wait()
+                            self._cond.wait(self.scheduler.idle_work_wait())  # wakes for idle work, if any
                         if self._stopping:
                             break
                     self.step()

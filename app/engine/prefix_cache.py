@@ -83,15 +83,16 @@ class PrefixCache:
         """Reuse may end inside a prefill chunk: rows were checked independent, and chunks are long enough to be dense."""
         return self.rows_independent and self.chunk >= self.dense_from
 
-    def choose(self, free: list[int], prompt: list[int], use_cache: bool = True) -> tuple[int, int]:
+    def choose(self, free: list[int], prompt: list[int], use_cache: bool = True, count: bool = True) -> tuple[int, int]:
         """(slot, reusable prefix length) for a prompt among the free slots: the longest reusable prefix,
-        the least recently used slot among equals (and on a miss). use_cache=False: LRU, nothing reused."""
+        the least recently used slot among equals (and on a miss). use_cache=False: LRU, nothing reused.
+        count=False leaves the statistics alone (the engine's own work is no query)."""
         best_slot, best_reuse = -1, -1
         for slot in sorted(free):
             reuse = self.reusable(self.slots[slot].tokens, prompt) if self.enabled and use_cache else 0
             if reuse > best_reuse or (reuse == best_reuse and self.slots[slot].last_used < self.slots[best_slot].last_used):
                 best_slot, best_reuse = slot, reuse
-        if self.enabled:
+        if self.enabled and count:
             self.stats.queries += len(prompt)
             self.stats.hits += best_reuse
         return best_slot, best_reuse

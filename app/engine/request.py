@@ -181,6 +181,10 @@ class Request:
     text_length: int = 0  # characters the detokenizer has produced (the next token's text_offset)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     sent_first: bool = False
+    # Work the engine gave itself (app/engine/idle_work.py): runs only when nothing else does, and only
+    # while a free slot still offers `expected_reuse` tokens of its prompt.
+    idle_work: bool = False
+    expected_reuse: int = 0
 
     @property
     def request_id(self) -> str:
@@ -192,8 +196,8 @@ class Request:
 
     @property
     def needs_model(self) -> bool:
-        """max_tokens 0 without prompt logprobs asks for nothing the model computes."""
-        return self.params.max_tokens > 0 or self.prompt_logprobs is not None
+        """max_tokens 0 without prompt logprobs asks for nothing the model computes (idle work wants the keys)."""
+        return self.params.max_tokens > 0 or self.prompt_logprobs is not None or self.idle_work
 
     def cached(self, n: int) -> None:
         """n more tokens are in the slot; the prompt done, the request decodes."""

@@ -11,6 +11,9 @@ each prompt cut at multiples of `prefill_chunk` from its own start (so its numbe
 other prompts: model/invariance.py). A long prompt therefore delays
 the running streams by at most one chunk per step instead of its whole length. Admission takes turns
 between API requests, so one request with many choices cannot hold every slot (_next_waiting).
+Work the engine gives itself (recomputing a finished answer for the prefix cache: app/engine/idle_work.py)
+runs only once no client request has run or waited for IDLE_GRACE_S, and yields its slot as soon as one
+arrives.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from typing import Callable
 
 from app.engine.prefix_cache import PrefixCache
 from app.engine.request import EngineOverloaded, Request, RequestStatus
+
+# How long the engine must have had no client work before it starts its own. A program sends its next
+# request within milliseconds of the last answer (a benchmark, an agent loop, a batch of evaluations), and
+# idle work started in between would hold that request up for a step; a person reads for seconds.
+IDLE_GRACE_S = 0.3
 
 
 @dataclass
@@ -84,6 +92,8 @@ class Scheduler:
         # and drain() never miss one while its slot is being set up.
         self.lock = lock
         self.waiting: deque[Request] = deque()
+        self.idle_work: deque[Request] = deque(maxlen=max_batch_size)  # engine thread only; the oldest drop out
+        self.last_client_work = time.monotonic()  # when a client request last ran or waited (engine thread)
         self.running: dict[int, Request] = {}  # slot -> request
         self.free: list[int] = list(range(max_batch_size))
         # Which free slot a request gets: the one holding the longest reusable prefix of its prompt.
@@ -100,9 +110,23 @@ class Scheduler:
             raise EngineOverloaded(f"too many requests waiting ({self.max_queue}); retry later")
         self.waiting.append(request)
 
+    def add_idle_work(self, request: Request) -> None:
+        """Queue work the engine gives itself (engine thread): it runs when nothing else does."""
+        self.idle_work.append(request)
+
     def has_work(self) -> bool:
         """Call under `lock`."""
-        return bool(self.running) or bool(self.waiting)
+        return bool(self.running) or bool(self.waiting) or self.idle_work_wait() == 0
+
+    def idle_work_wait(self) -> float | None:
+        """Seconds until queued idle work may start (0: now), None when there is none."""
+        if not self.idle_work:
+            return None
+        return max(0.0, IDLE_GRACE_S - (time.monotonic() - self.last_client_work))
+
+    def has_client_work(self) -> bool:
+        """A client's request runs or waits (a drain waits for these only). Call under `lock`."""
+        return bool(self.waiting) or any(not r.idle_work for r in self.running.values())
 
     def schedule(self, end_all: bool = False) -> StepPlan:
         """Plan one step; `end_all` (a drain that timed out) ends every request instead."""
@@ -121,6 +145,8 @@ class Scheduler:
         if self.running.get(request.slot) is request:
             del self.running[request.slot]
             self.free.append(request.slot)
+            if not request.idle_work:
+                self.last_client_work = time.monotonic()
             self.prefix_cache.release(request.slot, request.tokens, request.num_cached, failed)
 
     def take_everything(self) -> list[Request]:
@@ -128,6 +154,7 @@ class Scheduler:
         with self.lock:
             waiting, self.waiting = list(self.waiting), deque()
         running, self.running = list(self.running.values()), {}
+        self.idle_work.clear()
         self.free = list(range(self.max_batch_size))
         self.prefix_cache.forget_all()
         return running + waiting
@@ -153,10 +180,19 @@ class Scheduler:
         return running + waiting
 
     def _admit(self, plan: StepPlan) -> None:
+        with self.lock:
+            clients_waiting = bool(self.waiting)
+        if clients_waiting or any(not r.idle_work for r in self.running.values()):
+            self.last_client_work = time.monotonic()
+        if clients_waiting:  # idle work yields: what it computed so far stays in the cache
+            for request in [r for r in self.running.values() if r.idle_work]:
+                self.release(request)
+                request.status = RequestStatus.CANCELLED
+                plan.cancelled.append(request)
         while True:
             with self.lock:
                 if not self.waiting:
-                    return
+                    break
                 request = self._next_waiting()
                 if not request.needs_model:  # no slot needed
                     self.waiting.remove(request)
@@ -177,6 +213,27 @@ class Scheduler:
                 self.running[request.slot] = request
                 self.waiting.remove(request)
             plan.admitted.append(request)
+        if not self.running and self.idle_work_wait() == 0:
+            self._admit_idle_work(plan)
+
+    def _admit_idle_work(self, plan: StepPlan) -> None:
+        """The oldest idle work whose prompt a free slot still offers as far as when it was queued (else its
+        slot went to a client request meanwhile, and it is dropped); one at a time, in that slot."""
+        while self.idle_work:
+            request = self.idle_work.popleft()
+            prompt = request.params.prompt_ids
+            slot, reuse = self.prefix_cache.choose(self.free, prompt, count=False)
+            if reuse < request.expected_reuse:
+                continue
+            request.slot = slot
+            self.free.remove(slot)
+            self.prefix_cache.start(slot, prompt, reuse)
+            request.num_cached = request.num_cached_prompt = reuse
+            request.status = RequestStatus.PREFILLING
+            request.timings.scheduled = time.monotonic()
+            self.running[slot] = request
+            plan.admitted.append(request)
+            return
 
     def _lowest_free_slot(self, chosen: int, prompt: list[int], reuse: int, copies: list[PrefixCopy]) -> int:
         """The lowest free slot instead of the cache's choice when it offers as much of the prompt (`reuse`
