@@ -307,8 +307,9 @@ class Engine:
         for request, error in result.failed:
             self._fail(request, error)
         failed = {id(request) for request, _ in result.failed}  # their chunks were planned but never read
-        prefilled = sum(chunk.length for chunk in plan.prefill if id(chunk.request) not in failed)
-        self._prompt_tokens_total += prefilled - sum(c.length for c in plan.prefill if c.request.idle_work)
+        read = [chunk for chunk in plan.prefill if id(chunk.request) not in failed]
+        prefilled = sum(chunk.length for chunk in read)
+        self._prompt_tokens_total += sum(chunk.length for chunk in read if not chunk.request.idle_work)  # clients' only
         self._deliver(result)
         return prefilled
 
