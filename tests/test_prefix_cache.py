@@ -7,7 +7,7 @@ import asyncio
 import random
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from app.engine import Engine, GenerationOutput, GenerationRequest, RequestStatus
 from app.engine.prefix_cache import PrefixCache, SlotContent, common_prefix
@@ -177,31 +177,47 @@ def waiting_request(order: int, prompt: list[int]) -> Request:
 # ---------------------------------------------------------------- the engine: same bits, cache on or off
 
 
-def invariant_engine(prefix_cache: bool, chunk: int = 32, slots: int = 2) -> Engine:
+def invariant_engine(prefix_cache: bool, chunk: int = 32, slots: int = 2, recompute_answers: bool = False) -> Engine:
     model = tiny_model(max_batch_size=slots, max_seq_len=256)
     make_batch_invariant(model)
     model.setup_cache(slots, 256, batch_invariant=True)
-    engine = Engine(model, ByteTokenizer(), max_batch_size=slots, max_seq_len=256, prefill_chunk=chunk, prefix_cache=prefix_cache)
+    engine = Engine(
+        model,
+        ByteTokenizer(),
+        max_batch_size=slots,
+        max_seq_len=256,
+        prefill_chunk=chunk,
+        prefix_cache=prefix_cache,
+        recompute_answers=recompute_answers,
+    )
     engine.start()
     return engine
 
 
-def conversation(engine: Engine, turns: int = 4) -> list[tuple[list[int], list[float], int]]:
-    """Each turn resends the history (prompt + answer) plus a new message: (tokens, logprobs, cached) per turn."""
+Turn = tuple[list[int], list[float], int, list[int]]  # answer ids, logprobs, cached prompt tokens, the prompt
 
-    async def talk() -> list[tuple[list[int], list[float], int]]:
+
+def conversation(
+    engine: Engine, turns: int = 4, first_message: int = 9, after_answer: Callable[[], None] | None = None
+) -> list[Turn]:
+    """Each turn resends the history (prompt + answer) plus a new message, `first_message` tokens long in the
+    first turn and 7 more in each next one; `after_answer` runs before the next turn (a user reading)."""
+
+    async def talk() -> list[Turn]:
         history: list[int] = [(11 * j) % 256 for j in range(40)]
         results = []
         for turn in range(turns):
-            history = history + [(5 * turn + 3 * j) % 256 for j in range(9 + 7 * turn)]
+            history = history + [(5 * turn + 3 * j) % 256 for j in range(first_message + 7 * turn)]
             sampling = SamplingParams(temperature=0, logprobs=2)
             outputs: list[GenerationOutput] = await collect(
                 engine.submit(GenerationRequest(list(history), sampling=sampling, max_tokens=12, ignore_eos=True))
             )
             ids = [t for o in outputs for t in o.token_ids]
             logprobs = [lp.logprob for o in outputs for lp in (o.logprobs or [])]
-            results.append((ids, logprobs, outputs[-1].num_cached_tokens))
+            results.append((ids, logprobs, outputs[-1].num_cached_tokens, list(history)))
             history = history + ids
+            if after_answer is not None:
+                after_answer()
         return results
 
     try:
@@ -213,10 +229,10 @@ def conversation(engine: Engine, turns: int = 4) -> list[tuple[list[int], list[f
 def test_a_multi_turn_chat_gives_the_same_bits_with_the_cache_and_reuses_the_history() -> None:
     cold = conversation(invariant_engine(prefix_cache=False))
     warm = conversation(invariant_engine(prefix_cache=True))
-    for turn, ((ids_a, lp_a, cached_a), (ids_b, lp_b, _cached)) in enumerate(zip(cold, warm)):
+    for turn, ((ids_a, lp_a, cached_a, _), (ids_b, lp_b, _cached, _)) in enumerate(zip(cold, warm)):
         assert ids_a == ids_b and lp_a == lp_b, f"turn {turn}"
         assert cached_a == 0
-    assert warm[0][2] == 0 and all(cached > 0 for _, _, cached in warm[1:]), [c for _, _, c in warm]
+    assert warm[0][2] == 0 and all(cached > 0 for _, _, cached, _ in warm[1:]), [c for _, _, c, _ in warm]
 
 
 def test_a_prefix_moved_out_of_the_way_by_a_miss_gives_the_same_bits_where_it_is_reused() -> None:

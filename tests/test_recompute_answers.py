@@ -7,33 +7,11 @@ from __future__ import annotations
 import threading
 import time
 
-from app.engine import Engine, GenerationOutput, GenerationRequest, RequestStatus
+from app.engine import Engine, RequestStatus
 from app.engine.idle_work import InternalHandle
 from app.engine.prefix_cache import PrefixCache, SlotContent
 from app.engine.scheduler import IDLE_GRACE_S, Scheduler
-from model.invariance import make_batch_invariant
-from model.sampling import SamplingParams
-from model.tokenizer import ByteTokenizer
-from tests.support.engine import collect, run
-from tests.support.models import tiny_model
-from tests.test_prefix_cache import waiting_request
-
-
-def invariant_engine(prefix_cache: bool, recompute_answers: bool) -> Engine:
-    model = tiny_model(max_batch_size=2, max_seq_len=256)
-    make_batch_invariant(model)
-    model.setup_cache(2, 256, batch_invariant=True)
-    engine = Engine(
-        model,
-        ByteTokenizer(),
-        max_batch_size=2,
-        max_seq_len=256,
-        prefill_chunk=256,  # one chunk per prompt: reuse may end anywhere 16 rows (dense_from) before its end
-        prefix_cache=prefix_cache,
-        recompute_answers=recompute_answers,
-    )
-    engine.start()
-    return engine
+from tests.test_prefix_cache import Turn, conversation, invariant_engine, waiting_request
 
 
 def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
@@ -47,44 +25,27 @@ def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
     raise AssertionError("the engine did not go idle")
 
 
-def chat(engine: Engine, turns: int = 4) -> list[tuple[list[int], list[float], int, int]]:
-    """Each turn resends the history and its answer plus a new message, after the engine went idle:
-    (answer ids, logprobs, cached prompt tokens, prompt length) per turn."""
-
-    async def talk() -> list[tuple[list[int], list[float], int, int]]:
-        history = [(11 * j) % 256 for j in range(40)]
-        results = []
-        for turn in range(turns):
-            history = history + [(5 * turn + 3 * j) % 256 for j in range(16 + 7 * turn)]
-            request = GenerationRequest(
-                list(history), sampling=SamplingParams(temperature=0, logprobs=2), max_tokens=12, ignore_eos=True
-            )
-            outputs: list[GenerationOutput] = await collect(engine.submit(request))
-            ids = [t for o in outputs for t in o.token_ids]
-            logprobs = [lp.logprob for o in outputs for lp in (o.logprobs or [])]
-            results.append((ids, logprobs, outputs[-1].num_cached_tokens, len(history)))
-            history = history + ids
-            wait_idle(engine)
-        return results
-
-    try:
-        return run(talk())
-    finally:
-        engine.shutdown()
+def chat(prefix_cache: bool, recompute_answers: bool) -> tuple[Engine, list[Turn]]:
+    """4 turns, each sent once the engine went idle; one 256-token chunk per prompt, so reuse may end
+    anywhere 16 rows (dense_from) before the prompt's end, and every new message is at least that long."""
+    engine = invariant_engine(prefix_cache, chunk=256, recompute_answers=recompute_answers)
+    return engine, conversation(engine, first_message=16, after_answer=lambda: wait_idle(engine))
 
 
 def test_a_chat_turn_reuses_the_previous_answer_with_the_same_bits_and_no_extra_usage() -> None:
-    cold = chat(invariant_engine(prefix_cache=False, recompute_answers=False))
-    plain_engine = invariant_engine(prefix_cache=True, recompute_answers=False)
-    plain = chat(plain_engine)
-    engine = invariant_engine(prefix_cache=True, recompute_answers=True)
-    warm = chat(engine)
+    _, cold = chat(prefix_cache=False, recompute_answers=False)
+    plain_engine, plain = chat(prefix_cache=True, recompute_answers=False)
+    engine, warm = chat(prefix_cache=True, recompute_answers=True)
     for turn, (a, b, c) in enumerate(zip(cold, plain, warm)):
         assert a[:2] == b[:2] == c[:2], f"turn {turn}: outputs differ"
+    cache = engine.prefix_cache
     for turn in range(1, len(warm)):
-        previous_prompt, answer = warm[turn - 1][3], len(warm[turn - 1][0])
-        # Without the recompute the previous prompt is reused at most; with it, the answer too.
-        assert plain[turn][2] <= previous_prompt < previous_prompt + answer - 1 <= warm[turn][2], (turn, plain, warm)
+        previous = warm[turn - 1][3] + warm[turn - 1][0]  # the last prompt and its answer
+        # With the recompute the slot holds the answer too: the next turn reuses what the cache's rules allow of it.
+        assert warm[turn][2] == cache.reusable(previous, warm[turn][3]), turn
+        assert plain[turn][2] <= len(warm[turn - 1][3])  # without it, at most the last prompt
+        if cache.reuses_within_chunks:  # checked on this machine at start: then all of it but the last token
+            assert warm[turn][2] >= len(previous) - 1 > plain[turn][2], (turn, warm[turn][2], plain[turn][2])
     # Usage and the prefix-cache queries count client prompts only.
     assert engine.stats().prompt_tokens_total == plain_engine.stats().prompt_tokens_total - sum(
         w[2] - p[2] for w, p in zip(warm, plain)

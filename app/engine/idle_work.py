@@ -50,7 +50,7 @@ def answer_recompute(finished: Request, cache: PrefixCache, tokenizer: Tokenizer
     reuse = cache.reusable(cache.slots[finished.slot].tokens, tokens)
     if reuse == 0 or reuse >= len(tokens) - 1:  # the slot keeps nothing of it (so no slot to extend), or nothing is new
         return None
-    request = Request(
+    return Request(
         handle=InternalHandle(f"recompute-{finished.request_id}"),  # type: ignore[arg-type]
         params=GenerationRequest(prompt_ids=tokens, sampling=SamplingParams(temperature=0), max_tokens=0),
         stop_ids=frozenset(),
@@ -63,4 +63,3 @@ def answer_recompute(finished: Request, cache: PrefixCache, tokenizer: Tokenizer
         idle_work=True,
         expected_reuse=reuse,
     )
-    return request

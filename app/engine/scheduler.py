@@ -203,16 +203,9 @@ class Scheduler:
                 prompt = request.params.prompt_ids
                 # Echo + logprobs needs every prompt position's logits: it reuses nothing.
                 use_cache = request.prompt_logprobs is None
-                request.slot, reuse = self.prefix_cache.choose(self.free, prompt, use_cache=use_cache)
-                request.slot = self._lowest_free_slot(request.slot, prompt if use_cache else [], reuse, plan.copies)
-                self.free.remove(request.slot)
-                self.prefix_cache.start(request.slot, prompt, reuse)
-                request.num_cached = request.num_cached_prompt = reuse
-                request.status = RequestStatus.PREFILLING
-                request.timings.scheduled = time.monotonic()
-                self.running[request.slot] = request
+                chosen, reuse = self.prefix_cache.choose(self.free, prompt, use_cache=use_cache)
+                self._place(request, self._lowest_free_slot(chosen, prompt if use_cache else [], reuse, plan.copies), reuse, plan)
                 self.waiting.remove(request)
-            plan.admitted.append(request)
         if not self.running and self.idle_work_wait() == 0:
             self._admit_idle_work(plan)
 
@@ -223,17 +216,20 @@ class Scheduler:
             request = self.idle_work.popleft()
             prompt = request.params.prompt_ids
             slot, reuse = self.prefix_cache.choose(self.free, prompt, count=False)
-            if reuse < request.expected_reuse:
-                continue
-            request.slot = slot
-            self.free.remove(slot)
-            self.prefix_cache.start(slot, prompt, reuse)
-            request.num_cached = request.num_cached_prompt = reuse
-            request.status = RequestStatus.PREFILLING
-            request.timings.scheduled = time.monotonic()
-            self.running[slot] = request
-            plan.admitted.append(request)
-            return
+            if reuse >= request.expected_reuse:
+                self._place(request, slot, reuse, plan)
+                return
+
+    def _place(self, request: Request, slot: int, reuse: int, plan: StepPlan) -> None:
+        """Admit a request into a free slot whose first `reuse` prompt tokens it takes from the cache."""
+        request.slot = slot
+        self.free.remove(slot)
+        self.prefix_cache.start(slot, request.params.prompt_ids, reuse)
+        request.num_cached = request.num_cached_prompt = reuse
+        request.status = RequestStatus.PREFILLING
+        request.timings.scheduled = time.monotonic()
+        self.running[slot] = request
+        plan.admitted.append(request)
 
     def _lowest_free_slot(self, chosen: int, prompt: list[int], reuse: int, copies: list[PrefixCopy]) -> int:
         """The lowest free slot instead of the cache's choice when it offers as much of the prompt (`reuse`
