@@ -25,6 +25,7 @@ from model.hf_weights import read_hf, read_hf_chat_template
 from model.invariance import make_batch_invariant
 from model.llama import Transformer
 from model.meta_weights import read_meta
+from model.q8_head import build_q8_head
 from model.tensor_parallel import checkpoint_plan, parallelize
 from model.tokenizer import Tokenizer, tokenizer_from_dir, tokenizer_from_gguf
 
@@ -210,6 +211,9 @@ def assemble_model(
         log.info("int4 weights for %d linear layers; dense %s weights above %d rows", swapped, dense_dtype or dtype, max_rows)
         if inexact:
             log.warning("%d linear layers are not on a Q4_1 grid (other formats in the file): kept dense", inexact)
+        if tensor_parallel is None:  # a sharded head stays as it is (model/tensor_parallel.py)
+            model.quantized_head, what = build_q8_head(model.head_weight(), exact_only=exact_int4_only)
+            log.info("output head for decode: %s", what)
     if batch_invariant:
         make_batch_invariant(model)
     model.setup_cache(args.max_batch_size, args.max_seq_len, batch_invariant=batch_invariant)

@@ -20,6 +20,7 @@ from model.args import ModelArgs, RopeScaling
 from model.decode_attention import decode_attention, decode_key_block
 from model.invariance import KV_BLOCK, head_logits, head_tiles, round_up, row_tile, tiled_linear
 from model.kv_cache import KVCache, first_of_run
+from model.q8_head import Q8Head
 
 # Prefill chunks of PREFILL_PAD_FROM tokens or more run padded to a multiple of PREFILL_ROW_BLOCK rows, so
 # the dense GEMMs see at most chunk / PREFILL_ROW_BLOCK shapes. Why: oneDNN's bfloat16 matmul keeps memory
@@ -219,6 +220,7 @@ class Transformer(nn.Module):
         self.batch_invariant = False
         self.head_tile = 0  # rows per head GEMM in decode when batch invariant (invariance.row_tile) ...
         self.head_column_tiles: tuple[int, ...] = ()  # ... or column tiles of a transposed head GEMM (head_tiles)
+        self.quantized_head: Q8Head | None = None  # int8 decode head (model/q8_head.py), set before setup_cache
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, *, batch_invariant: bool = False) -> None:
         """Allocate the slot cache and RoPE tables once, on the weights' device and dtype.
@@ -232,7 +234,7 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.batch_invariant = batch_invariant
-        self.head_column_tiles = head_tiles(self.head_weight()) if batch_invariant else ()
+        self.head_column_tiles = head_tiles(self.head_weight()) if batch_invariant and not self.quantized_head else ()
         self.head_tile = row_tile(self.head_weight()) if batch_invariant and not self.head_column_tiles else 0
         self.cache_len = round_up(max_seq_len, KV_BLOCK) if batch_invariant else max_seq_len
         args = self.args
@@ -351,10 +353,13 @@ class Transformer(nn.Module):
             h = layer(*args) if block is None else block(layer, *args)
         h = h.index_select(0, rows) if isinstance(rows, torch.Tensor) else h[:rows]
         h = self.norm(h if all_logits else h[:, (columns or tokens.shape[1]) - 1])
-        # Decode rows, and the last column of prefill rows (several prompts may share a forward): fixed-shape GEMMs.
-        if self.batch_invariant and (tokens.shape[1] == 1 or not all_logits):
+        # Decode rows, and the last column of prefill rows (several prompts may share a forward): the int8 head
+        # where there is one (its rows are independent by construction), else fixed-shape GEMMs if invariant.
+        if (self.quantized_head or self.batch_invariant) and (tokens.shape[1] == 1 or not all_logits):
             rows_2d = h.reshape(-1, h.shape[-1])  # (B, D); (B, 1, D) when every position's logits are asked for
-            if self.head_column_tiles:
+            if self.quantized_head is not None:
+                logits = self.quantized_head(rows_2d)
+            elif self.head_column_tiles:
                 logits = head_logits(rows_2d, self.head_weight(), self.head_column_tiles)
             else:
                 logits = tiled_linear(rows_2d, self.head_weight(), None, self.head_tile)

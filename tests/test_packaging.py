@@ -4,6 +4,7 @@ dependencies in pyproject.toml are exactly what model/ and app/ import (nothing 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import functools
 import importlib
 import importlib.metadata
@@ -112,6 +113,17 @@ def with_their_requirements(names: set[str]) -> set[str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
+
+
+def test_package_data_ships_every_file_the_code_reads_from_its_folders() -> None:
+    """A wheel (the Docker image installs one) carries the playground's files and the C kernels that
+    model/native.py builds at load: without them the server would serve no page, or lose the int8 head."""
+    patterns = pyproject()["tool"]["setuptools"]["package-data"]
+    for package, folder in (("app", "static"), ("model", "kernels")):
+        files = sorted(p.relative_to(REPO / package).as_posix() for p in (REPO / package / folder).iterdir() if p.is_file())
+        assert files, f"{package}/{folder} is empty"
+        unshipped = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns.get(package, []))]
+        assert not unshipped, f"not in [tool.setuptools.package-data] {package}: {unshipped}"
 
 
 @pytest.mark.parametrize(("folder", "extra"), [("tests", "test"), ("bench", "bench")])
