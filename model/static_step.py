@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import types
 from typing import Any, Callable
 
 import torch
@@ -62,6 +63,30 @@ def run_block(layer: TransformerBlock, *args: Any) -> torch.Tensor:
     return layer(*args)
 
 
+# Guards dynamo checks before every call of a compiled block: ~235 for a Llama layer (module types, hook
+# dicts, attribute constants, ...), 30 calls a token. Only these are kept: tensors' shapes, strides, dtypes
+# and devices (parameters and buffers included), the symbolic-shape guards of the dynamic key length, and
+# global torch state. The rest catch changes to a model's Python objects that nothing makes after load;
+# since they would also tell one model's graphs from another's, each StaticStep compiles its own copy of
+# run_block (`_own_code`: dynamo keeps graphs per code object). One-row step: 13.7 -> 12.7 ms (Zen 4).
+KEPT_GUARDS = frozenset(
+    {"TENSOR_MATCH", "SHAPE_ENV", "DUPLICATE_INPUT", "GRAD_MODE", "GLOBAL_STATE", "DETERMINISTIC_ALGORITHMS"}
+    | {"TORCH_FUNCTION_STATE", "DEFAULT_DEVICE", "AUTOGRAD_SAVED_TENSORS_HOOKS"}
+)
+
+
+def keep_guard(entries: Any) -> list[bool]:
+    """torch.compile's guard_filter_fn: True for the guards in KEPT_GUARDS."""
+    return [entry.guard_type in KEPT_GUARDS for entry in entries]
+
+
+def _own_code(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`function` under a code object of its own, so that its compiled graphs are its own."""
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
+    copy.__doc__ = function.__doc__
+    return copy
+
+
 class StaticStep:
     """A Transformer's forward (same signature) whose decode steps run on fixed shapes through a compiled block.
 
@@ -79,9 +104,20 @@ class StaticStep:
         if compile:
             reason = compile_unavailable(model.device, backend)
             if reason is None:
-                self.compiled = torch.compile(run_block, backend=backend, mode=mode, dynamic=False)
+                self.compiled = self._compile(backend, mode)
             else:
                 self._fall_back(reason)
+
+    @staticmethod
+    def _compile(backend: str, mode: str | None) -> Callable[..., torch.Tensor]:
+        """torch.compile of run_block with the guards filtered (keep_guard). torch.compile takes a mode or
+        options, not both, so Inductor's mode comes as the options it stands for."""
+        if mode is not None and backend != "inductor":
+            return torch.compile(_own_code(run_block), backend=backend, mode=mode, dynamic=False)
+        options: dict[str, Any] = {"guard_filter_fn": keep_guard}
+        if mode is not None:
+            options.update(torch._inductor.list_mode_options(mode))
+        return torch.compile(_own_code(run_block), backend=backend, dynamic=False, options=options)
 
     # -- the engine's model protocol (app/engine/model_runner.CausalLM) --------------------------
     @property

@@ -146,6 +146,24 @@ def test_one_graph_per_bucket_and_way_of_reading_keys_and_no_graph_break() -> No
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_models_alike_in_their_tensors_never_share_a_graph() -> None:
+    """The compiled block keeps only tensor and global guards (static_step.keep_guard), so a Python constant
+    such as RMSNorm's eps is no longer checked on each call; each step compiles its own copy of run_block,
+    so a second model of the same shapes with another eps gets its own graphs, not the first one's."""
+    sharp, smooth = tiny_model(max_batch_size=2), tiny_model(max_batch_size=2)
+    for module in smooth.modules():
+        if hasattr(module, "eps"):
+            module.eps = 0.5  # same tensors, other arithmetic
+    steps = [StaticStep(m, backend="aot_eager") for m in (sharp, smooth)]
+    tokens, positions = torch.tensor([[3]]), torch.tensor([[4]])
+    for model, step in zip((sharp, smooth), steps):
+        fill(model, 0, prompt(1, 4))
+        with torch.inference_mode():
+            expected = model(tokens, positions, torch.tensor([0]))
+        torch.testing.assert_close(step(tokens, positions, torch.tensor([0])), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(steps[0](tokens, positions, torch.tensor([0])), steps[1](tokens, positions, torch.tensor([0])))
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_a_row_gets_the_same_bits_alone_and_in_any_batch(backend: str) -> None:
     """Batch invariance through the compiled step (here: Inductor's fused kernels too)."""
