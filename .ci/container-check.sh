@@ -92,7 +92,7 @@ start_engine() {
 
 # Hash of the host's extra CA certificates and of this recipe: the stand-in trusts those CAs and is
 # rebuilt when either changes.
-STANDIN_RECIPE=2
+STANDIN_RECIPE=3  # 3: Python's headers, which python:3.11-slim has and Inductor's C++ includes
 ca_hash() {
     { echo "recipe $STANDIN_RECIPE"; cat "$HOST_CAS"/*.crt 2>/dev/null; } | sha256sum | cut -d' ' -f1
 }
@@ -124,7 +124,7 @@ ensure_base_image() {
     cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
     chroot "$ROOTFS" /bin/sh -c 'export DEBIAN_FRONTEND=noninteractive \
         && apt-get update -q \
-        && apt-get install -y -q --no-install-recommends python3 python3-pip python3-venv \
+        && apt-get install -y -q --no-install-recommends python3 python3-pip python3-venv python3-dev \
            python-is-python3 ca-certificates netbase tzdata \
         && rm -f /usr/lib/python3*/EXTERNALLY-MANAGED \
         && apt-get clean && rm -rf /var/lib/apt/lists/*'
@@ -174,10 +174,23 @@ stream_check() {
     python3 .ci/stream_check.py "http://127.0.0.1:$LLAMASERVE_PUBLISH_PORT"
 }
 
+# The image carries a compiler so that the container runs the fast paths, built for its CPU at start-up:
+# the log must show the compiled decode step and the int8 head, not their eager fallbacks.
+fast_paths() {
+    section "fast paths in the container's log"
+    local log
+    log="$(compose logs --no-color)"
+    grep -E "output head for decode|compil|runs eagerly" <<<"$log" | tail -8 || true
+    if grep -q "runs eagerly" <<<"$log" || ! grep -q "native kernel" <<<"$log"; then
+        echo "FAIL: the container fell back to a slower path (see above)" >&2
+        return 1
+    fi
+}
+
 # Steps can be named to run a part, e.g. `.ci/container-check.sh install_tools lint`.
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(install_engine install_tools lint start_engine ensure_base_image
-    fetch_torch_wheel build_image start_service stream_check)
+    fetch_torch_wheel build_image start_service stream_check fast_paths)
 for step in "${steps[@]}"; do
     "$step"
 done
