@@ -211,7 +211,7 @@ def assemble_model(
         log.info("int4 weights for %d linear layers; dense %s weights above %d rows", swapped, dense_dtype or dtype, max_rows)
         if inexact:
             log.warning("%d linear layers are not on a Q4_1 grid (other formats in the file): kept dense", inexact)
-        if tensor_parallel is None:  # a sharded head stays as it is (model/tensor_parallel.py)
+        if tensor_parallel is None:  # tensor-parallel ranks keep the float32 head: the int8 one is not checked there
             model.quantized_head, what = build_q8_head(model.head_weight(), exact_only=exact_int4_only)
             log.info("output head for decode: %s", what)
     if batch_invariant:

@@ -6,7 +6,10 @@ temporary directory: nothing is cached, so nothing can go stale or be loaded on 
 compiler is the one Inductor needs for the compiled decode step anyway. Where there is none, or the
 build fails, the caller keeps its torch path and logs why (`NativeBuildError`'s message).
 
-ctypes releases the GIL for the call, so the event loop keeps serving while a kernel runs.
+ctypes releases the GIL for the call, so the event loop keeps serving while a kernel runs. Kernels are
+built with -fopenmp: torch's wheel ships libgomp.so.1 and the loader hands our library that same copy
+(one soname, loaded once), so a kernel's threads are torch's own pool, already awake from the ops before
+it (threads of our own had to wait for those to stop spinning: one-row step 14.7 -> 13.2 ms, Zen 4).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def load_kernel(name: str, flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
         raise NativeBuildError("no C compiler on PATH (cc, gcc or clang; $CC)")
     with tempfile.TemporaryDirectory(prefix="llamaserve-kernel-") as directory:
         library = Path(directory) / f"{name}.so"
-        command = [compiler, "-O3", *(flags if flags is not None else isa_flags()), "-shared", "-fPIC", "-pthread"]
+        command = [compiler, "-O3", *(flags if flags is not None else isa_flags()), "-shared", "-fPIC", "-fopenmp"]
         command += ["-o", str(library), str(source)]
         try:
             built = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)

@@ -5,6 +5,8 @@ only where it loses nothing the checkpoint had -- else the float32 head stays, w
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from model import q8_head
 from model.checkpoint import load_model
 from model.native import NativeBuildError, c_compiler, load_kernel
 from model.q8_head import GROUP_SIZE, Q8Head, build_q8_head, dequantize_q8, quantize_q8
+from tests.support import REPO
 
 needs_compiler = pytest.mark.skipif(c_compiler() is None, reason="no C compiler here: the float32 head is used")
 
@@ -169,3 +172,22 @@ def test_the_default_model_decodes_through_the_exact_int8_head(smollm2_path: Pat
     float32 = hidden["h"].reshape(1, -1) @ model.head_weight().T
     torch.testing.assert_close(logits, float32, rtol=1e-5, atol=2e-4)
     assert torch.equal(logits.argmax(-1), float32.argmax(-1))
+
+
+@needs_compiler
+def test_the_kernel_runs_on_torchs_own_openmp_runtime() -> None:
+    """Threads of its own would wait for torch's pool to stop spinning after the layers before the head:
+    the kernel is built with -fopenmp so the loader hands it the libgomp torch has loaded already. In a
+    fresh process: other wheels (sentencepiece) bring OpenMP runtimes of their own under other names."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("no /proc here to list the loaded libraries")
+    script = (
+        "import torch\n"
+        "from model.native import load_kernel\n"
+        "print(load_kernel('q8_head').q8_head_threads(2))\n"
+        "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    threads, runtimes = out.splitlines()
+    assert threads == "2", "the kernel's parallel region did not get 2 threads (built without OpenMP?)"
+    assert runtimes.count("libgomp") == 1 and "torch" in runtimes, f"OpenMP runtimes after loading the kernel: {runtimes}"

@@ -6,18 +6,19 @@
  * torch has no CPU GEMM for group-quantised int8, so it ran in float32, streaming 113 MB for every
  * decode step. Here it reads 28 MB of int8 and 3.5 MB of scales instead.
  *
- * Why it is exact and batch invariant: q * d is exact in float32 (an 8-bit integer times a scale with
- * an 11-bit significand), so the dequantised weights are the float32 head's own values; and every
- * output is one fixed sequence of operations (fused multiply-adds across the vector's lanes in order of k, then the lanes
- * summed in order), whatever the number of rows or their neighbours. Register tiles only decide which
- * independent sums run side by side. model/q8_head.py checks both at load, on this machine's build.
+ * Why it is exact and batch invariant: q * d is exact in float32 for a GGUF's scales (an 8-bit integer
+ * times a float16 scale), so the dequantised weights are the float32 head's own values; and every output
+ * is one fixed sequence of operations (fused multiply-adds across the vector's lanes in order of k, then
+ * the lanes summed in order), whatever the number of rows, their neighbours or the threads. Register
+ * tiles only decide which independent sums run side by side. model/q8_head.py checks both at load.
  *
- * Built at load with the system C compiler and -march=native (model/native.py); no torch headers.
+ * Built at load with the system C compiler, -march=native and -fopenmp (model/native.py); no torch headers.
  */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define GROUP 32
 #define BLOCK_V 8 /* weight rows dequantised together into a buffer that stays in L1/L2 */
@@ -117,27 +118,31 @@ static void *run(void *arg) {
 }
 
 /* q: V x K int8; d: V x (K / 32) float; x: B x K float; out: B x V float; all contiguous. Splits the
-   vocabulary over `threads` threads (the caller's and threads - 1 new ones). Returns 0, or -1 for bad
-   arguments, -2 when memory or a thread could not be had. */
+   vocabulary over `threads` OpenMP threads: torch's own pool (the process has one libgomp), whose threads
+   are awake from the layers just before, where threads of our own would wait for them to stop spinning.
+   Returns 0, or -1 for bad arguments, -2 when memory could not be had. */
 int q8_head(const int8_t *q, const float *d, const float *x, float *out, long V, long K, long B, int threads) {
     if (V < 1 || K < GROUP || K % GROUP || B < 1 || threads < 1 || threads > MAX_THREADS) return -1;
     job_t jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     const long per = ((V + threads - 1) / threads + BLOCK_V - 1) / BLOCK_V * BLOCK_V;
     for (int t = 0; t < threads; t++) {
         const long v0 = t * per < V ? t * per : V, v1 = (t + 1) * per < V ? (t + 1) * per : V;
         jobs[t] = (job_t){q, d, x, out, V, K, B, v0, v1, 0};
     }
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) run(&jobs[t]);
     int failed = 0;
-    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], 0, run, &jobs[t]) == 0;
-    run(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(ids[t], 0);
-        else
-            run(&jobs[t]); /* no thread: do its share here */
-        failed |= jobs[t].failed;
-    }
-    return failed || jobs[0].failed ? -2 : 0;
+    for (int t = 0; t < threads; t++) failed |= jobs[t].failed;
+    return failed ? -2 : 0;
+}
+
+/* How many threads a parallel region of `threads` gets here: 1 when built without OpenMP. */
+int q8_head_threads(int threads) {
+    int got = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#pragma omp single
+    got = omp_get_num_threads();
+#endif
+    return got;
 }
