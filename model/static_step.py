@@ -115,6 +115,10 @@ class StaticStep:
         if mode is not None and backend != "inductor":
             return torch.compile(_own_code(run_block), backend=backend, mode=mode, dynamic=False)
         options: dict[str, Any] = {"guard_filter_fn": keep_guard}
+        if backend == "inductor":
+            # Its generated wrapper re-checks every tensor's size and stride (26 asserts a block, in Python),
+            # which the tensor guards above already did: one-row step 12.1 -> 11.6 ms (Zen 4).
+            options.update(size_asserts=False, alignment_asserts=False)
         if mode is not None:
             options.update(torch._inductor.list_mode_options(mode))
         return torch.compile(_own_code(run_block), backend=backend, dynamic=False, options=options)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import model.static_step as static_step
 from app.engine import Engine, GenerationRequest
@@ -286,10 +287,13 @@ def test_inductor_decode_rows_get_the_same_bits_whatever_key_length_the_batch_re
         model(other, torch.arange(beside)[None], torch.tensor([1]))
         return step(torch.tensor([[7], [9]]), torch.tensor([[20], [beside]]), torch.tensor([0, 1]))[0]
 
+    _, wrappers = run_and_get_code(decode_short, None)  # the first call compiles: its generated wrapper
     alone = decode_short(None)
     for beside in (block + 5, min(5 * block - 3, 599)):
         assert torch.equal(decode_short(beside), alone), f"beside a row of {beside} keys"
     assert step.fallback_reason is None
+    # The tensor guards check sizes and strides once per call; the wrapper does not check them again.
+    assert wrappers and not any("assert_size_stride(" in code or "assert_alignment(" in code for code in wrappers)
 
 
 def test_a_request_moved_to_bring_the_decode_rows_together_keeps_its_bits_and_its_sampling_state() -> None:
