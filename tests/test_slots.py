@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from model.checkpoint import load_weights
+from model.kv_cache import KVCache
 from model.llama import Transformer
 from tests.support.models import tiny_model
 from tests.support.oracle import GOLDEN_PROMPT, one_thread
@@ -139,3 +141,26 @@ def test_rows_on_consecutive_slots_read_their_keys_in_place_with_the_gathered_bi
         assert torch.equal(layer_a.attention.cache.v, layer_b.attention.cache.v)
     calls, _ = gathers(in_place, torch.tensor([[5], [6]]), torch.tensor([[9], [20]]), torch.tensor([1, 4]), kv_len=21)
     assert calls == 2 * len(in_place.layers)  # slots 1 and 4 are not a run: keys and values gathered in every layer
+
+
+def resident_mb() -> int:
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) // 1024
+
+
+def test_the_cache_takes_memory_only_where_positions_are_written() -> None:
+    """A 1 GiB cache is zeros that cost nothing until written (an anonymous map, not torch.zeros, which
+    wrote every byte at start-up), reads as zeros, and holds what is written, in float32 and bfloat16."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc/self/status to read the resident memory from")
+    before = resident_mb()
+    cache = KVCache(64, 4096, 4, 256, torch.float32)  # 1 GiB of keys, 1 GiB of values
+    assert resident_mb() - before < 64, "the cache was written at allocation"
+    assert cache.k.shape == (64, 4, 4096, 256) and cache.v.dtype == torch.float32
+    assert not cache.v[63, 3, 4000:].any() and not cache.k[0, 0, :8].any()
+    cache.k[7, 2, 100] = 1.5
+    assert cache.k[7, 2, 100].eq(1.5).all() and cache.k[7, 2, 96:104].sum() == 1.5 * 256
+    assert resident_mb() - before < 256
+    half = KVCache(2, 64, 2, 16, torch.bfloat16)
+    half.v[1, 1, 63] = 2.0
+    assert half.v.dtype == torch.bfloat16 and half.v.sum() == 32.0
