@@ -234,7 +234,7 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.batch_invariant = batch_invariant
-        self.head_column_tiles = head_tiles(self.head_weight()) if batch_invariant and not self.quantized_head else ()
+        self.head_column_tiles = head_tiles(self.head_weight()) if batch_invariant and self.quantized_head is None else ()
         self.head_tile = row_tile(self.head_weight()) if batch_invariant and not self.head_column_tiles else 0
         self.cache_len = round_up(max_seq_len, KV_BLOCK) if batch_invariant else max_seq_len
         args = self.args
@@ -355,7 +355,7 @@ class Transformer(nn.Module):
         h = self.norm(h if all_logits else h[:, (columns or tokens.shape[1]) - 1])
         # Decode rows, and the last column of prefill rows (several prompts may share a forward): the int8 head
         # where there is one (its rows are independent by construction), else fixed-shape GEMMs if invariant.
-        if (self.quantized_head or self.batch_invariant) and (tokens.shape[1] == 1 or not all_logits):
+        if (self.quantized_head is not None or self.batch_invariant) and (tokens.shape[1] == 1 or not all_logits):
             rows_2d = h.reshape(-1, h.shape[-1])  # (B, D); (B, 1, D) when every position's logits are asked for
             if self.quantized_head is not None:
                 logits = self.quantized_head(rows_2d)

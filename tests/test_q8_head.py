@@ -156,7 +156,7 @@ def test_a_build_whose_rows_depend_on_the_batch_is_refused(monkeypatch: pytest.M
 @needs_compiler
 def test_the_default_model_decodes_through_the_exact_int8_head(smollm2_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The default GGUF stores its tied head as Q8_0: `auto` uses the int8 head, whose logits are the
-    float32 head's up to summation order, with the same greedy choices."""
+    float32 head's up to summation order, with the same greedy choice (near-ties aside)."""
     with caplog.at_level(logging.INFO, logger="model.checkpoint"):
         loaded = load_model(smollm2_path, max_batch_size=4, max_seq_len=256, quantization="auto")
     model = loaded.model
@@ -171,7 +171,8 @@ def test_the_default_model_decodes_through_the_exact_int8_head(smollm2_path: Pat
     logits = model(tokens, positions)
     float32 = hidden["h"].reshape(1, -1) @ model.head_weight().T
     torch.testing.assert_close(logits, float32, rtol=1e-5, atol=2e-4)
-    assert torch.equal(logits.argmax(-1), float32.argmax(-1))
+    # The same choice, up to a near-tie that summation order may flip: float32's pick scores within 1e-4 of the top.
+    assert logits[0, float32.argmax(-1)] >= logits.max() - 1e-4
 
 
 @needs_compiler
