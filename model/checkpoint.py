@@ -208,7 +208,13 @@ def assemble_model(
     if quantization == "int4":
         max_rows, dense_dtype = quant.default_layout()
         swapped, inexact = quant.quantize_int4(model, max_rows, dense_dtype, exact_only=exact_int4_only)
-        log.info("int4 weights for %d linear layers; dense %s weights above %d rows", swapped, dense_dtype or dtype, max_rows)
+        log.info(
+            "int4 weights for %d linear layers (%s); dense %s weights above %d rows",
+            swapped,
+            quant.int4_gemm.native_gemm()[1],
+            dense_dtype or dtype,
+            max_rows,
+        )
         if inexact:
             log.warning("%d linear layers are not on a Q4_1 grid (other formats in the file): kept dense", inexact)
         if tensor_parallel is None:  # tensor-parallel ranks keep the float32 head: the int8 one is not checked there

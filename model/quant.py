@@ -4,7 +4,9 @@ Why: on a CPU, decoding a few rows is bound by reading the weights from memory (
 reads ~540 MB a token). Group-wise 4-bit weights -- groups of 32 along the input, one scale and one
 minimum per group, the Q4_1 layout llama.cpp ships the default model in -- are read by torch's own
 int4 kernel (`aten._weight_int4pack_mm_for_cpu`, the kernel torchao uses). That kernel is fast only
-with bfloat16 activations, scales and zeros; it accumulates in float32 and returns bfloat16.
+with bfloat16 activations, scales and zeros; it accumulates in float32 and returns bfloat16. Where the
+CPU has AVX512-BF16, our own kernel (model/int4_gemm.py) takes its place: the same 4-bit weights with
+float32 scales and minima, bfloat16 dot products, about twice as fast.
 
 The kernel loses to dense GEMM once many rows share each weight read (prefill chunks, large decode
 batches), so every layer keeps a dense weight and uses it above `max_rows` rows: in bfloat16 on CPUs
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import int4_gemm
 from model.invariance import is_decode
 
 GROUP_SIZE = 32
@@ -129,10 +132,11 @@ class Int4Linear(nn.Module):
     dense_dtype: the dtype the dense weights are kept in (None: as given); the input is cast to it
     and the output back, the bias is added in the input's dtype. Built once from a loaded layer:
     the packed weights are derived, so loading a state dict into it or casting it afterwards
-    would leave them stale (nothing does either; build a new one instead).
+    would leave them stale (nothing does either; build a new one instead). native: use our kernel where
+    this machine can run it (`int4_gemm.native_gemm`), else torch's; `kernel` says which.
     """
 
-    def __init__(self, linear: nn.Linear, max_rows: int, dense_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, linear: nn.Linear, max_rows: int, dense_dtype: torch.dtype | None = None, *, native: bool = True) -> None:
         super().__init__()
         weight = linear.weight.detach()
         if weight.device.type != "cpu":
@@ -150,7 +154,15 @@ class Int4Linear(nn.Module):
         self.on_grid: bool | None = None
         if weight.dtype == torch.float32:
             self.on_grid = bool(torch.equal(dequantize_groups(q, scale, minimum), weight))
-        # The kernel dequantises (q - 8) * scale + zero, so zero is the group's value at q = 8.
+        self.gemm, self.kernel = int4_gemm.native_gemm() if native else (None, "torch's kernel")
+        if self.gemm is not None:
+            try:
+                for name, tensor in zip(("packed", "scales", "zeros"), int4_gemm.pack(q, scale, minimum)):
+                    self.register_buffer(name, tensor, persistent=False)
+                return
+            except ValueError as e:
+                self.gemm, self.kernel = None, f"torch's kernel ({e})"
+        # torch's kernel dequantises (q - 8) * scale + zero, so zero is the group's value at q = 8.
         scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16), persistent=False)
@@ -159,6 +171,9 @@ class Int4Linear(nn.Module):
         rows = x.numel() // self.in_features
         if rows > self.max_rows and not (self.batch_invariant and is_decode(x)):
             out = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        elif self.gemm is not None:
+            flat = x.reshape(rows, self.in_features).float()
+            out = self.gemm(flat, self.packed, self.scales, self.zeros).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP_SIZE, self.scales_and_zeros)
@@ -168,7 +183,8 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}, "
-            f"max_rows={self.max_rows}, dense={self.weight.dtype}, batch_invariant={self.batch_invariant}"
+            f"max_rows={self.max_rows}, dense={self.weight.dtype}, batch_invariant={self.batch_invariant}, "
+            f"kernel={'native' if self.gemm is not None else 'torch'}"
         )
 
 
