@@ -223,6 +223,7 @@ def assemble_model(
     if batch_invariant:
         make_batch_invariant(model)
     model.setup_cache(args.max_batch_size, args.max_seq_len, batch_invariant=batch_invariant)
+    log.info("decode attention: %s", model.decode_attention_kernel)
     if tensor_parallel is not None:
         parallelize(model)
     return model

@@ -7,11 +7,17 @@ checked on this machine to change no bit.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from model.invariance import KV_BLOCK
+from model.native import NativeBuildError, define_operator, load_kernel
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -64,3 +70,93 @@ def _masked_keys_change_nothing(
         mask = (torch.arange(length, device=device)[None] < lengths[:, None])[:, None, None]
         outputs.append(decode_attention(q, keys[:, :, :length], values[:, :, :length], mask))
     return all(torch.equal(out, outputs[0]) for out in outputs[1:])
+
+
+# -- our kernel (model/kernels/decode_attention.c) -----------------------------------------------------
+# q, its row and head strides; keys, values, their row, head and position strides; positions, out; B, H, KVH, L, D; threads
+_POINTER, _LONG = ctypes.c_void_p, ctypes.c_long
+_ARGTYPES: list[Any] = [_POINTER, _LONG, _LONG, _POINTER, _POINTER, _LONG, _LONG, _LONG, _POINTER, _POINTER]
+_ARGTYPES += [_LONG] * 5 + [ctypes.c_int]
+KERNEL_ENV = "LLAMASERVE_ATTENTION_KERNEL"  # auto | torch
+
+
+@functools.cache
+def _attention_operator() -> Callable[..., torch.Tensor]:
+    """torch.ops.llamaserve.decode_attention(q (B, H, 1, D), keys, values (B, KVH, L, D), positions (B, 1))
+    -> (B, H, 1, D): `decode_attention` for float32 on the CPU, each row over its own position + 1 keys (a row
+    at position >= L pads a bucket: it reads one key).
+    Raises NativeBuildError where it cannot run here."""
+    library = load_kernel("decode_attention")
+    if not library.decode_attention_available():
+        raise NativeBuildError("the CPU (or torch's dispatch level) has no AVX-512")
+    kernel = library.decode_attention
+    kernel.argtypes, kernel.restype = _ARGTYPES, ctypes.c_int
+
+    def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        batch, heads, _, head_dim = q.shape
+        q, keys, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, keys, values))
+        if keys.stride() != values.stride():
+            keys, values = keys.contiguous(), values.contiguous()
+        positions = positions.reshape(batch).to(torch.int64).contiguous()
+        out = torch.empty(batch, heads, 1, head_dim)
+        status = kernel(
+            q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), *keys.stride()[:3],
+            positions.data_ptr(), out.data_ptr(), batch, heads, keys.shape[1], keys.shape[2], head_dim,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"decode_attention kernel failed with status {status}")
+        return out
+
+    def shape_only(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return q.new_empty(q.shape)
+
+    schema = "(Tensor q, Tensor keys, Tensor values, Tensor positions) -> Tensor"
+    operator = define_operator("decode_attention", schema, attend, shape_only)
+    problem = self_check(operator)
+    if problem:
+        raise NativeBuildError(problem)
+    return operator
+
+
+def native_decode_attention(
+    n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
+) -> tuple[Callable[..., torch.Tensor] | None, str]:
+    """(the operator, what it is) or (None, why the plain ops stay). $LLAMASERVE_ATTENTION_KERNEL=torch
+    keeps the plain ops (to compare, or to run their path on a CPU that has the kernel)."""
+    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower()
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"${KERNEL_ENV} must be auto or torch, got {choice!r}")
+    if choice == "torch":
+        return None, f"plain ops (${KERNEL_ENV}=torch)"
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return None, f"plain ops: the kernel takes float32 on the CPU, not {dtype} on {torch.device(device).type}"
+    if head_dim % 16 or head_dim > 256 or n_heads % n_kv_heads or n_heads // n_kv_heads > 16:
+        return None, "plain ops: the kernel takes head_dim a multiple of 16 up to 256 and <= 16 query heads a key head"
+    try:
+        return _attention_operator(), "native kernel"
+    except NativeBuildError as e:
+        return None, f"plain ops: no native kernel here ({e})"
+
+
+@torch.inference_mode()
+def self_check(operator: Callable[..., torch.Tensor]) -> str | None:
+    """Why this build must not be used (None: it may): a row's output must be the same bits alone and in a
+    batch, whatever key length the step reads beyond its own keys, and close to the plain ops' output."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, head_dim, length = 5, 6, 2, 32, 80
+    q = torch.randn(batch, heads, 1, head_dim, generator=generator)
+    keys, values = (torch.randn(batch, kv_heads, length, head_dim, generator=generator) for _ in range(2))
+    positions = torch.tensor([[0], [16], [17], [40], [79]])
+    together = operator(q, keys, values, positions)
+    for row in range(batch):
+        own = int(positions[row]) + 1
+        alone = operator(q[row : row + 1], keys[row : row + 1, :, :own], values[row : row + 1, :, :own], positions[row : row + 1])
+        if not torch.equal(alone, together[row : row + 1]):
+            return f"the attention kernel gave row {row} other bits in a batch of {batch} (or over more keys) than alone"
+    mask = (torch.arange(length)[None] <= positions)[:, None, None]
+    expected = decode_attention(q, keys, values, mask)
+    error = (together - expected).abs().max().item()
+    if error > 1e-5:
+        return f"the attention kernel is off the plain ops by {error:.3g} (allowed 1e-5)"
+    return None

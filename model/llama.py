@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs, RopeScaling
-from model.decode_attention import decode_attention, decode_key_block
+from model.decode_attention import decode_attention, decode_key_block, native_decode_attention
 from model.invariance import KV_BLOCK, head_logits, head_tiles, round_up, row_tile, tiled_linear
 from model.kv_cache import KVCache, first_of_run
 from model.q8_head import Q8Head
@@ -105,6 +105,7 @@ class Attention(nn.Module):
         self.wqkv: nn.Module | None = None  # wq, wk, wv in one layer once `fuse` ran
         self.qkv_sizes = [args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim]
         self.cache: KVCache | None = None
+        self.native_decode: Callable[..., torch.Tensor] | None = None  # our decode kernel, set by setup_cache
 
     def fuse(self) -> None:
         """Read x once for q, k and v: one (larger) GEMM instead of three, a third of the kernel calls."""
@@ -139,7 +140,9 @@ class Attention(nn.Module):
         assert self.cache is not None, "call Transformer.setup_cache() before forward()"
         window = None if keys_window is None or values_window is None else (keys_window, values_window)
         keys, values = self.cache.update(slots, positions, k, v, mask.shape[-1], window)
-        if seqlen == 1:
+        if seqlen == 1 and self.native_decode is not None:
+            out = self.native_decode(q, keys, values, positions)
+        elif seqlen == 1:
             out = decode_attention(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
@@ -217,6 +220,7 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         self.cache_len = 0  # positions per slot in the cache: max_seq_len, rounded up to KV_BLOCK when batch invariant
         self.decode_key_block = 1  # decode reads keys in multiples of this when batch invariant (decode_key_block)
+        self.decode_attention_kernel = "plain ops"  # or our kernel's (native_decode_attention), set by setup_cache
         self.batch_invariant = False
         self.head_tile = 0  # rows per head GEMM in decode when batch invariant (invariance.row_tile) ...
         self.head_column_tiles: tuple[int, ...] = ()  # ... or column tiles of a transposed head GEMM (head_tiles)
@@ -241,8 +245,12 @@ class Transformer(nn.Module):
         self.decode_key_block = (
             decode_key_block(args.n_heads, args.n_kv_heads, args.head_dim, weight.dtype, weight.device) if batch_invariant else 1
         )
+        native, self.decode_attention_kernel = native_decode_attention(
+            args.n_heads, args.n_kv_heads, args.head_dim, weight.dtype, weight.device
+        )
         for layer in self.layers:
             assert isinstance(layer, TransformerBlock)  # nn.ModuleList yields plain Modules
+            layer.attention.native_decode = native
             layer.attention.cache = KVCache(
                 max_batch_size, self.cache_len + 1, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device
             )

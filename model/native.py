@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,3 +76,23 @@ def load_kernel(name: str, flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
             return ctypes.CDLL(str(library))  # mapped: the file may go with the directory
         except OSError as e:
             raise NativeBuildError(f"built {library.name} but could not load it: {e}") from e
+
+
+_registrations: list[torch.library.Library] = []  # an operator lives as long as its Library object
+
+
+def define_operator(
+    name: str, schema: str, kernel: Callable[..., torch.Tensor], shape_only: Callable[..., torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """torch.ops.llamaserve.<name>: `kernel` on CPU tensors, `shape_only` for the compiler's fake tensors.
+
+    A torch operator rather than a Python call, so a compiled graph calls it from inside (a ctypes call in
+    the forward would break the graph); torch.library.Library rather than custom_op: ~2 us less a call.
+    Call once per name (callers cache): nothing is registered at import.
+    """
+    namespace = torch.library.Library("llamaserve", "FRAGMENT")
+    namespace.define(f"{name}{schema}")
+    namespace.impl(name, kernel, "CPU")
+    torch.library.register_fake(f"llamaserve::{name}", shape_only, lib=namespace)
+    _registrations.append(namespace)
+    return getattr(torch.ops.llamaserve, name).default
