@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from model.invariance import KV_BLOCK
-from model.native import NativeBuildError, define_operator, load_kernel
+from model.native import NativeBuildError, define_operator, holding_the_gil, load_kernel
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def _attention_operator() -> Callable[..., torch.Tensor]:
     library = load_kernel("decode_attention")
     if not library.decode_attention_available():
         raise NativeBuildError("the CPU (or torch's dispatch level) has no AVX-512")
-    kernel = library.decode_attention
+    kernel = holding_the_gil(library).decode_attention
     kernel.argtypes, kernel.restype = _ARGTYPES, ctypes.c_int
 
     def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from model.native import NativeBuildError, define_operator, load_kernel
+from model.native import NativeBuildError, define_operator, holding_the_gil, load_kernel
 
 GROUP_SIZE = 32
 BLOCK_COLUMNS = 16
@@ -51,7 +51,7 @@ def gemm_operator() -> Callable[..., torch.Tensor]:
     library = load_kernel("int4_gemm")
     if not library.int4_gemm_available():
         raise NativeBuildError("the CPU (or torch's dispatch level) has no AVX512-BF16")
-    kernel = library.int4_gemm
+    kernel = holding_the_gil(library).int4_gemm
     kernel.argtypes, kernel.restype = _ARGTYPES, ctypes.c_int
 
     def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

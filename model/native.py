@@ -6,7 +6,9 @@ temporary directory: nothing is cached, so nothing can go stale or be loaded on 
 compiler is the one Inductor needs for the compiled decode step anyway. Where there is none, or the
 build fails, the caller keeps its torch path and logs why (`NativeBuildError`'s message).
 
-ctypes releases the GIL for the call, so the event loop keeps serving while a kernel runs. Kernels are
+ctypes releases the GIL for a call through the CDLL `load_kernel` returns, so the event loop keeps serving
+while a long kernel runs (the head); `holding_the_gil` gives the short ones (an operator inside the compiled
+step: 150 calls a token) a handle that keeps it, since each release let a waiting thread in. Kernels are
 built with -fopenmp: torch's wheel ships libgomp.so.1 and the loader hands our library that same copy
 (one soname, loaded once), so a kernel's threads are torch's own pool, already awake from the ops before
 it (threads of our own had to wait for those to stop spinning: one-row step 14.7 -> 13.2 ms, Zen 4).
@@ -76,6 +78,13 @@ def load_kernel(name: str, flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
             return ctypes.CDLL(str(library))  # mapped: the file may go with the directory
         except OSError as e:
             raise NativeBuildError(f"built {library.name} but could not load it: {e}") from e
+
+
+def holding_the_gil(library: ctypes.CDLL) -> ctypes.PyDLL:
+    """The same loaded library, its functions called without releasing the GIL: for calls of tens of
+    microseconds, each release is a chance for another thread (the server's event loop) to take the GIL
+    and the caller to wait for it back."""
+    return ctypes.PyDLL(library._name, handle=library._handle)
 
 
 _registrations: list[torch.library.Library] = []  # an operator lives as long as its Library object
