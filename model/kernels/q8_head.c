@@ -9,11 +9,12 @@
  * Why it is exact and batch invariant: q * d is exact in float32 for a GGUF's scales (an 8-bit integer
  * times a float16 scale), so the dequantised weights are the float32 head's own values; and every output
  * is one fixed sequence of operations (fused multiply-adds across the vector's lanes in order of k, then
- * the lanes summed in order), whatever the number of rows, their neighbours or the threads. Register
+ * the lanes summed in one fixed order), whatever the number of rows, their neighbours or the threads. Register
  * tiles only decide which independent sums run side by side. model/q8_head.py checks both at load.
  *
  * Built at load with the system C compiler, -march=native and -fopenmp (model/native.py); no torch headers.
  */
+#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #ifdef _OPENMP
@@ -38,10 +39,16 @@
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef float vf_unaligned __attribute__((vector_size(LANES * 4), aligned(4)));
 
+/* A fixed order either way; with AVX-512, the intrinsic's shuffle tree: a 32-row head 22.7 -> 18.2 ms (Zen 4),
+   where extracting 16 lanes one by one for every logit cost ~30% of the multiply-adds. */
 static inline float sum_lanes(const vf *a) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)*a);
+#else
     float s = 0.f;
     for (int l = 0; l < LANES; l++) s += (*a)[l];
     return s;
+#endif
 }
 
 /* Dequantise `rows` weight rows (K int8 each, K / 32 scales each) into w. */
