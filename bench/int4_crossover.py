@@ -8,7 +8,6 @@ weights per layer, so nothing stays in cache.
 
     python -m bench.int4_crossover --threads 2 --rows 1 4 8 16 24 32 48 64
     ATEN_CPU_CAPABILITY=avx2 python -m bench.int4_crossover   # what an AVX2-only CPU would get
-    LLAMASERVE_INT4_KERNEL=torch python -m bench.int4_crossover  # torch's int4 kernel where ours would run
 """
 
 from __future__ import annotations

@@ -37,20 +37,11 @@ GGUF_FILE_TYPE_Q4_1 = 3  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_1 (`general.file_ty
 # bfloat16 GEMM (AMX) about 12.
 MAX_ROWS_VS_FLOAT32 = {"AVX512": 32, "AVX2": 12}
 MAX_ROWS_VS_BFLOAT16 = 12
-# Our kernel (model/int4_gemm.py) against bfloat16 GEMM without AMX (AVX512-BF16 only): int4 ahead up to 64
-# rows (2-core Zen 4, all 210 layers of a step: 72.8 vs 79.0 ms at 64 rows, 22.1 vs 41.0 at 16).
-MAX_ROWS_NATIVE_VS_AVX512_BF16 = 64
 
 
 def cpu_capability() -> str:
     """The vector ISA torch's CPU kernels dispatch to: AVX512, AVX2, or DEFAULT (scalar)."""
     return torch.backends.cpu.get_cpu_capability()
-
-
-def amx_tiles() -> bool:
-    """AMX (Sapphire Rapids and later): bfloat16 GEMM several times AVX512-BF16's rate."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
 
 
 def native_bf16_matmul() -> bool:
@@ -86,11 +77,10 @@ def int4_kernel_available() -> bool:
 
 def default_layout() -> tuple[int, torch.dtype | None]:
     """(max_rows, dtype of the dense weights) for this CPU: on bf16 hardware the dense weights used
-    above max_rows (prefill, large batches) are bfloat16, about 2x faster than float32 there, and our
-    int4 kernel stays ahead of them up to 64 rows unless AMX runs them; None keeps the model's dtype."""
+    above max_rows (prefill, large batches) are bfloat16, about 2x faster than float32 there;
+    None keeps the model's dtype."""
     if dense_bf16():
-        ours = int4_gemm.native_gemm()[0] is not None
-        return (MAX_ROWS_NATIVE_VS_AVX512_BF16 if ours and not amx_tiles() else MAX_ROWS_VS_BFLOAT16), torch.bfloat16
+        return MAX_ROWS_VS_BFLOAT16, torch.bfloat16
     return MAX_ROWS_VS_FLOAT32.get(cpu_capability(), 0), None
 
 

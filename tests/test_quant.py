@@ -95,12 +95,6 @@ def test_int4_linear_dense_weights_in_another_dtype() -> None:
 def test_default_layout_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(quant.DENSE_BF16_ENV, raising=False)  # CI's AVX2 run sets it
     monkeypatch.setattr(quant, "native_bf16_matmul", lambda: True)
-    monkeypatch.setattr(quant.int4_gemm, "native_gemm", lambda: (None, "torch's kernel"))
-    assert quant.default_layout() == (quant.MAX_ROWS_VS_BFLOAT16, torch.bfloat16)
-    monkeypatch.setattr(quant.int4_gemm, "native_gemm", lambda: (lambda *a: None, "native kernel"))
-    monkeypatch.setattr(quant, "amx_tiles", lambda: False)  # AVX512-BF16 only: our kernel keeps up to 64 rows
-    assert quant.default_layout() == (quant.MAX_ROWS_NATIVE_VS_AVX512_BF16, torch.bfloat16) == (64, torch.bfloat16)
-    monkeypatch.setattr(quant, "amx_tiles", lambda: True)  # AMX's bfloat16 GEMM takes over sooner
     assert quant.default_layout() == (quant.MAX_ROWS_VS_BFLOAT16, torch.bfloat16)
     monkeypatch.setattr(quant, "native_bf16_matmul", lambda: False)
     for capability, rows in [("AVX512", 32), ("AVX2", 12), ("DEFAULT", 0)]:
@@ -110,7 +104,6 @@ def test_default_layout_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_dense_bf16_env_overrides_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quant, "native_bf16_matmul", lambda: True)
-    monkeypatch.setattr(quant.int4_gemm, "native_gemm", lambda: (None, "torch's kernel"))
     monkeypatch.setattr(quant, "cpu_capability", lambda: "AVX2")
     monkeypatch.setenv(quant.DENSE_BF16_ENV, "off")
     assert quant.default_layout() == (12, None)
