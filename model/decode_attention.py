@@ -10,14 +10,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from model.invariance import KV_BLOCK
-from model.native import NativeBuildError, define_operator, holding_the_gil, load_kernel
+from model.native import NativeBuildError, define_operator, holding_the_gil, load_kernel, wanted
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,10 +123,7 @@ def native_decode_attention(
 ) -> tuple[Callable[..., torch.Tensor] | None, str]:
     """(the operator, what it is) or (None, why the plain ops stay). $LLAMASERVE_ATTENTION_KERNEL=torch
     keeps the plain ops (to compare, or to run their path on a CPU that has the kernel)."""
-    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower()
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"${KERNEL_ENV} must be auto or torch, got {choice!r}")
-    if choice == "torch":
+    if not wanted(KERNEL_ENV):
         return None, f"plain ops (${KERNEL_ENV}=torch)"
     if torch.device(device).type != "cpu" or dtype != torch.float32:
         return None, f"plain ops: the kernel takes float32 on the CPU, not {dtype} on {torch.device(device).type}"

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from collections.abc import Callable
 
 import torch
 
-from model.native import NativeBuildError, define_operator, holding_the_gil, load_kernel
+from model.native import NativeBuildError, define_operator, holding_the_gil, load_kernel, wanted
 
 GROUP_SIZE = 32
 BLOCK_COLUMNS = 16
@@ -81,10 +80,7 @@ KERNEL_ENV = "LLAMASERVE_INT4_KERNEL"  # auto | torch
 def native_gemm() -> tuple[Callable[..., torch.Tensor] | None, str]:
     """(the operator, what it is) or (None, why not). $LLAMASERVE_INT4_KERNEL=torch keeps torch's kernel
     (to compare the two, or to run torch's path on a CPU that has ours)."""
-    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower()
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"${KERNEL_ENV} must be auto or torch, got {choice!r}")
-    if choice == "torch":
+    if not wanted(KERNEL_ENV):
         return None, f"torch's kernel (${KERNEL_ENV}=torch)"
     return _built()
 

@@ -80,6 +80,15 @@ def load_kernel(name: str, flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
             raise NativeBuildError(f"built {library.name} but could not load it: {e}") from e
 
 
+def wanted(env: str) -> bool:
+    """Whether $env (auto | torch) lets one of our kernels replace torch's path: `torch` keeps torch's, to
+    compare the two or to run torch's path on a CPU that has ours."""
+    choice = os.environ.get(env, "auto").strip().lower()
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"${env} must be auto or torch, got {choice!r}")
+    return choice == "auto"
+
+
 def holding_the_gil(library: ctypes.CDLL) -> ctypes.PyDLL:
     """The same loaded library, its functions called without releasing the GIL: for calls of tens of
     microseconds, each release is a chance for another thread (the server's event loop) to take the GIL

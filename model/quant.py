@@ -37,6 +37,10 @@ GGUF_FILE_TYPE_Q4_1 = 3  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_1 (`general.file_ty
 # bfloat16 GEMM (AMX) about 12.
 MAX_ROWS_VS_FLOAT32 = {"AVX512": 32, "AVX2": 12}
 MAX_ROWS_VS_BFLOAT16 = 12
+# Below model.llama.PREFILL_PAD_FROM (16) on purpose: prefill chunks of 16+ rows then all run dense, so a
+# prompt's keys do not depend on how it was chunked and the prefix cache may reuse them inside a chunk
+# (model/invariance.prefill_rows_independent). Our int4 kernel beats dense bf16 up to 64 rows on Zen 4
+# (bench/int4_crossover.py), but 64 here stopped that reuse.
 
 
 def cpu_capability() -> str:

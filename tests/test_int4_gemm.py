@@ -181,3 +181,46 @@ def test_quantize_groups_gives_what_pack_takes() -> None:
     q, scale, minimum = quantize_groups(weight)
     packed, scales, zeros = pack(q, scale, minimum)
     assert int(packed.max()) <= 255 and torch.equal(scales.float(), scale.half().float().reshape(2, 16, 2).permute(0, 2, 1))
+
+
+@needs_native
+def test_short_kernels_keep_the_gil_while_they_run() -> None:
+    """150 short calls a token: each release of the GIL would let the server's event loop take it and the
+    step wait for it back, so the operators call through `native.holding_the_gil`. A thread that counts
+    while a long call runs must not advance until the call returns (through a plain ctypes.CDLL, which
+    releases the GIL, it counts all along). The interpreter may hand it the GIL for a switch interval just
+    before the call or after it returns: only the middle of the call is watched."""
+    import ctypes
+    import sys
+    import threading
+    import time
+
+    from model.native import holding_the_gil
+
+    weights = pack(*q4_1(2048, 4096, seed=9))
+    x, out = torch.randn(2048, 4096), torch.empty(2048, 2048)
+    kernel = holding_the_gil(load_kernel("int4_gemm")).int4_gemm
+    kernel.argtypes, kernel.restype = int4_gemm._ARGTYPES, ctypes.c_int
+    pointers = [t.data_ptr() for t in (x, *weights, out)]
+    seen: list[float] = []
+    done = threading.Event()
+
+    def count() -> None:
+        while not done.is_set():
+            seen.append(time.perf_counter())
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        time.sleep(0.02)
+        start = time.perf_counter()
+        assert kernel(*pointers, 2048, 2048, 4096, torch.get_num_threads()) == 0
+        end = time.perf_counter()
+    finally:
+        done.set()
+        counter.join()
+    edge = 2 * sys.getswitchinterval() + 0.002
+    middle = (start + edge, (start + end) / 2)
+    assert middle[1] - middle[0] > edge, f"the call ({(end - start) * 1e3:.0f} ms) was too short to tell"
+    inside = [t for t in seen if middle[0] < t < middle[1]]
+    assert not inside, f"another thread ran {len(inside)} times in the middle of a {(end - start) * 1e3:.0f} ms call"
