@@ -180,7 +180,8 @@ fast_paths() {
     section "fast paths in the container's log"
     local log
     log="$(compose logs --no-color)"
-    grep -E "output head for decode|compil|runs eagerly" <<<"$log" | tail -8 || true
+    # Which int4 and attention kernels ran (ours need AVX512-BF16 / AVX-512: a CPU without them keeps torch's).
+    grep -E "int4 weights for|decode attention:|output head for decode|compil|runs eagerly" <<<"$log" | tail -10 || true
     if grep -q "runs eagerly" <<<"$log" || ! grep -q "native kernel" <<<"$log"; then
         echo "FAIL: the container fell back to a slower path (see above)" >&2
         return 1
