@@ -79,7 +79,6 @@ _ARGTYPES += [_LONG] * 5 + [ctypes.c_int]
 KERNEL_ENV = "LLAMASERVE_ATTENTION_KERNEL"  # auto | torch
 
 
-@functools.cache
 def _attention_operator() -> Callable[..., torch.Tensor]:
     """torch.ops.llamaserve.decode_attention(q (B, H, 1, D), keys, values (B, KVH, L, D), positions (B, 1))
     -> (B, H, 1, D): `decode_attention` for float32 on the CPU, each row over its own position + 1 keys (a row
@@ -97,7 +96,7 @@ def _attention_operator() -> Callable[..., torch.Tensor]:
         if keys.stride() != values.stride():
             keys, values = keys.contiguous(), values.contiguous()
         positions = positions.reshape(batch).to(torch.int64).contiguous()
-        out = torch.empty(batch, heads, 1, head_dim)
+        out = torch.empty(batch, heads, 1, head_dim, dtype=torch.float32)
         status = kernel(
             q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), *keys.stride()[:3],
             positions.data_ptr(), out.data_ptr(), batch, heads, keys.shape[1], keys.shape[2], head_dim,
@@ -129,6 +128,12 @@ def native_decode_attention(
         return None, f"plain ops: the kernel takes float32 on the CPU, not {dtype} on {torch.device(device).type}"
     if head_dim % 16 or head_dim > 256 or n_heads % n_kv_heads or n_heads // n_kv_heads > 16:
         return None, "plain ops: the kernel takes head_dim a multiple of 16 up to 256 and <= 16 query heads a key head"
+    return _built()
+
+
+@functools.cache
+def _built() -> tuple[Callable[..., torch.Tensor] | None, str]:
+    """Once per process: a failed build or check is not retried (nor its operator defined twice)."""
     try:
         return _attention_operator(), "native kernel"
     except NativeBuildError as e:

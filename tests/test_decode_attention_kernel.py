@@ -128,3 +128,32 @@ def test_the_load_time_check_refuses_a_batch_dependent_or_wrong_kernel() -> None
     assert self_check(row_by_row) is None
     assert "other bits in a batch" in str(self_check(lambda q, k, v, p: row_by_row(q, k, v, p) + 1e-6 * q.shape[0]))
     assert "off the plain ops" in str(self_check(lambda q, k, v, p: row_by_row(q, k, v, p) * 1.001))
+
+
+@needs_native
+def test_a_kernel_that_fails_its_check_is_refused_once_and_models_still_load() -> None:
+    """In a fresh process: a failed load-time check leaves the plain ops, and the next model's set-up asks
+    again without defining the operator a second time (torch.library refuses that) or raising."""
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    script = (
+        "import torch\n"
+        "from model import decode_attention as a, int4_gemm as g\n"
+        "a.self_check = lambda op: 'refused for the test'\n"
+        "g.self_check = lambda op: 'refused for the test'\n"
+        "for _ in range(2):\n"
+        "    print(a.native_decode_attention(9, 3, 64, torch.float32, 'cpu')[1])\n"
+        "    print(g.native_gemm()[1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert (
+        out.splitlines()
+        == [
+            "plain ops: no native kernel here (refused for the test)",
+            "torch's kernel: no native one here (refused for the test)",
+        ]
+        * 2
+    )
