@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from model.args import ModelArgs, RopeScaling, UnsupportedArchitectureError, gguf_value
 from model.errors import CheckpointError
-from model.llama import rope_frequencies
+from model.rope import rope_frequencies
 
 if TYPE_CHECKING:  # gguf itself is imported only when a GGUF is parsed (a warm start never does)
     from gguf import GGUFReader, ReaderTensor

@@ -108,9 +108,10 @@ def self_check(operator: Callable[..., torch.Tensor]) -> str | None:
     zero = (torch.randn(rows, cols // GROUP_SIZE, generator=generator) * 0.1).half().float()  # float16, as packed
     minimum = zero - 8 * scale
     x = torch.randn(9, cols, generator=generator)
-    together = operator(x, *pack(q, scale, minimum))
+    weights = pack(q, scale, minimum)
+    together = operator(x, *weights)
     for row in range(x.shape[0]):
-        if not torch.equal(operator(x[row : row + 1], *pack(q, scale, minimum))[0], together[row]):
+        if not torch.equal(operator(x[row : row + 1], *weights)[0], together[row]):
             return f"the int4 kernel gave row {row} other bits in a batch of {x.shape[0]} than alone"
 
     def spread(t: torch.Tensor) -> torch.Tensor:

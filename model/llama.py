@@ -9,18 +9,18 @@ Differences from Meta's file, each for a reason:
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.args import ModelArgs, RopeScaling
+from model.args import ModelArgs
 from model.decode_attention import decode_attention, decode_key_block, native_decode_attention
 from model.invariance import KV_BLOCK, head_logits, head_tiles, round_up, row_tile, tiled_linear
 from model.kv_cache import KVCache, first_of_run
 from model.q8_head import Q8Head
+from model.rope import apply_rope, rope_tables
 
 # Prefill chunks of PREFILL_PAD_FROM tokens or more run padded to a multiple of PREFILL_ROW_BLOCK rows, so
 # the dense GEMMs see at most chunk / PREFILL_ROW_BLOCK shapes. Why: oneDNN's bfloat16 matmul keeps memory
@@ -42,39 +42,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
-
-
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with Llama 3.1's long-context scaling when given."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if scaling is None:
-        return freqs.float()
-    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
-    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
-    wavelen = 2 * math.pi / freqs
-    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    scaled = torch.where(wavelen > low_wavelen, freqs / scaling.factor, freqs)
-    middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
-    return torch.where(middle, blended, scaled).float()
-
-
-def rope_tables(args: ModelArgs, max_seq_len: int, device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (max_seq_len, head_dim), in the rotate_half layout, in fp32."""
-    freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(device), angles.sin().to(device)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (B, 1, T, D) fp32."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
 def concat_linears(*linears: nn.Linear) -> nn.Linear:
