@@ -165,8 +165,26 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-# Runs one layer of a step: (layer, h, cos, sin, slots, positions, mask, keys_window, values_window) -> h.
-BlockRunner = Callable[..., torch.Tensor]
+# Runs a step's layers: (layers, h, cos, sin, slots, positions, mask, keys_windows, values_windows) -> h,
+# a window per layer (None where the keys are gathered by slot). StaticStep passes its compiled one.
+LayersRunner = Callable[..., torch.Tensor]
+
+
+def run_layers(
+    layers: list[nn.Module],
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor | None,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    keys_windows: list[torch.Tensor | None],
+    values_windows: list[torch.Tensor | None],
+) -> torch.Tensor:
+    """The layers one after another (Transformer.run's default LayersRunner)."""
+    for layer, keys, values in zip(layers, keys_windows, values_windows):
+        h = layer(h, cos, sin, slots, positions, mask, keys, values)
+    return h
 
 
 class Transformer(nn.Module):
@@ -302,15 +320,15 @@ class Transformer(nn.Module):
         kv_len: int,
         *,
         all_logits: bool = False,
-        block: BlockRunner | None = None,
+        layers: LayersRunner = run_layers,
         rows: int | torch.Tensor | None = None,
         columns: int | None = None,
         first_slot: int = 0,
     ) -> torch.Tensor:
         """`forward` past its checks, on inputs already checked (model/static_step.py calls it too).
 
-        The mask and RoPE tables are built once per step, not per layer. block runs each layer
-        (default: the layer itself; StaticStep passes its compiled one); rows keeps the logits of the
+        The mask and RoPE tables are built once per step, not per layer. `layers` runs the layers
+        (default: one after another; StaticStep passes its compiled stack); rows keeps the logits of the
         first `rows` rows only, or of the rows at those indices (the rest pad the batch to a fixed
         shape), and `columns` says how many columns are real (the last real one gives the logits; the
         rest pad the chunk: forward). With slots=None, row b uses slot first_slot + b.
@@ -320,12 +338,15 @@ class Transformer(nn.Module):
         cos = self.rope_cos[positions][:, None]
         sin = self.rope_sin[positions][:, None]
         h = self.tok_embeddings(tokens)
+        keys_windows: list[torch.Tensor | None] = []
+        values_windows: list[torch.Tensor | None] = []
         for layer in self.layers:
             assert isinstance(layer, TransformerBlock) and layer.attention.cache is not None, "setup_cache() first"
             # slots=None: row b is slot first_slot + b, read in place through views of those slots.
-            window = (None, None) if slots is not None else layer.attention.cache.window(first_slot, tokens.shape[0])
-            args = (h, cos, sin, slots, positions, mask, *window)
-            h = layer(*args) if block is None else block(layer, *args)
+            keys, values = (None, None) if slots is not None else layer.attention.cache.window(first_slot, tokens.shape[0])
+            keys_windows.append(keys)
+            values_windows.append(values)
+        h = layers(list(self.layers), h, cos, sin, slots, positions, mask, keys_windows, values_windows)
         h = h.index_select(0, rows) if isinstance(rows, torch.Tensor) else h[:rows]
         h = self.norm(h if all_logits else h[:, (columns or tokens.shape[1]) - 1])
         # Decode rows, and the last column of prefill rows (several prompts may share a forward): the int8 head

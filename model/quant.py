@@ -174,7 +174,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > self.max_rows and not (self.batch_invariant and is_decode(x)):
+        # Decode first: a decode step's row count is a dynamic dimension of the compiled step
+        # (model/static_step.py), and comparing it with max_rows would split that graph in two.
+        if not (self.batch_invariant and is_decode(x)) and rows > self.max_rows:
             out = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         elif self.gemm is not None:
             flat = x.reshape(rows, self.in_features).float()

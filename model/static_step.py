@@ -1,24 +1,27 @@
-"""Decode steps on fixed shapes through one compiled transformer block (gpt-fast compiles its decode step the same way).
+"""Decode steps on bucketed shapes through one compiled graph of the layer stack (gpt-fast compiles its decode step the same way).
 
 Why: at one token per row a CPU step is ~30 layers x ~20 small ops, each dispatched from Python;
 Inductor fuses a block's elementwise work (RMSNorm, RoPE, SiLU-mul, residual adds) into a few C++
 loops around the GEMM and attention calls, and the dispatch goes away (numbers: docs/performance.md).
-It compiles one *block*, not the whole stack: every layer runs the same graph with its own weights
-as inputs, so a batch bucket compiles in seconds where the whole 30-layer step took ~75 s on two
-cores. Prefill (one prompt chunk per forward, compute-bound) stays eager.
+The block is a nested compile region: traced and compiled once, then called for every layer with
+that layer's weights, so a graph compiles in seconds where inlining all 30 layers took ~75 s on two
+cores; and a step enters compiled code once, not once per layer (each entry cost ~60 us of dynamo
+frame handling and guard checks: 30 of them were a fifth of a one-row step). Prefill stays eager.
 
-Fixed shapes: the batch is padded up to a bucket (powers of two up to max_batch_size). Padding rows
+Buckets: the batch is padded up to a bucket (powers of two up to max_batch_size). Padding rows
 write their keys at their slot's scratch position (Transformer.setup_cache), which no query reads,
 and their logits are dropped before the head. Rows read their keys in place, through views of a
 window of `bucket` consecutive slots in which padding rows fill the slots no row holds; gathering
 the keys by slot cost a quarter of a one-row step. The engine keeps decoding requests within such a
 window (it moves one into a free slot when they spread: app/engine/scheduler.py); rows it could not
-bring together run in the smallest bucket whose window holds them. So on the CPU every graph reads
-in place, one per bucket; on an accelerator, where finding the window would read device values every
-step, rows not on slots 0, 1, ... are gathered (a second graph per bucket). Keys are read up to a
-multiple of the model's `decode_key_block` (the mask does the rest) and that length is a dynamic
-dimension of the one graph, so a longer context costs no recompile. Host-side checks run before the
-compiled region, never inside it.
+bring together run in the smallest bucket whose window holds them. On an accelerator, where finding
+the window would read device values every step, rows not on slots 0, 1, ... are gathered (another
+graph). Two dimensions are dynamic: the keys read, a multiple of the model's `decode_key_block`
+(the mask does the rest), so a longer context costs no recompile; and the rows, above one: one graph
+serves every bucket from two rows up (a row's numbers do not depend on how many there are: the GEMM
+and attention kernels' rows are independent, Inductor's loops run row by row), and one row has its
+own (dynamo specialises a size of 1 anyway), each with its own guards to check. Host-side checks run
+before the compiled region, never inside it.
 
 Where Inductor cannot run (no C++ compiler, an unsupported torch) the step falls back to eager and
 says why in the log; `--no-compile` turns it off.
@@ -58,17 +61,38 @@ def compile_unavailable(device: torch.device, backend: str) -> str | None:
     return None
 
 
+@torch.compiler.nested_compile_region
 def run_block(layer: TransformerBlock, *args: Any) -> torch.Tensor:
-    """One layer, the function torch.compile traces (the layer's weights become graph inputs)."""
+    """One layer: traced and compiled once, then called for every layer with that layer's weights
+    (a nested compile region; outside torch.compile it is a plain call)."""
     return layer(*args)
 
 
-# Guards dynamo checks before every call of a compiled block: ~235 for a Llama layer (module types, hook
-# dicts, attribute constants, ...), 30 calls a token. Only these are kept: tensors' shapes, strides, dtypes
-# and devices (parameters and buffers included), the symbolic-shape guards of the dynamic key length, and
-# global torch state. The rest catch changes to a model's Python objects that nothing makes after load;
-# since they would also tell one model's graphs from another's, each StaticStep compiles its own copy of
-# run_block (`_own_code`: dynamo keeps graphs per code object). One-row step: 13.7 -> 12.7 ms (Zen 4).
+def run_stack(
+    layers: list[TransformerBlock],
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor | None,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    keys_windows: list[torch.Tensor | None],
+    values_windows: list[torch.Tensor | None],
+) -> torch.Tensor:
+    """Every layer of a step (a LayersRunner, model/llama.py), the function torch.compile traces: one
+    entry into compiled code a step, where a compiled block was entered (and its guards checked) 30 times."""
+    for layer, keys, values in zip(layers, keys_windows, values_windows):
+        h = run_block(layer, h, cos, sin, slots, positions, mask, keys, values)
+    return h
+
+
+# Guards dynamo checks before every call of the compiled stack: ~700 for SmolLM2's 30 layers (module
+# types, hook dicts, attribute constants, every weight's metadata, ...). Only these are kept: the shapes,
+# strides, dtypes and devices of the step's own tensors (activations, positions, mask, key windows), the
+# symbolic-shape guards of the dynamic key length, and global torch state; ~70 in all. The rest, the
+# weights' guards included, catch changes to a model's modules that nothing makes after load; since they
+# would also tell one model's graphs from another's, each StaticStep compiles its own copy of run_stack
+# (`_own_code`: dynamo keeps graphs per code object). Checking them cost ~0.7 ms a step (one row: ~10 ms).
 KEPT_GUARDS = frozenset(
     {"TENSOR_MATCH", "SHAPE_ENV", "DUPLICATE_INPUT", "GRAD_MODE", "GLOBAL_STATE", "DETERMINISTIC_ALGORITHMS"}
     | {"TORCH_FUNCTION_STATE", "DEFAULT_DEVICE", "AUTOGRAD_SAVED_TENSORS_HOOKS"}
@@ -76,8 +100,9 @@ KEPT_GUARDS = frozenset(
 
 
 def keep_guard(entries: Any) -> list[bool]:
-    """torch.compile's guard_filter_fn: True for the guards in KEPT_GUARDS."""
-    return [entry.guard_type in KEPT_GUARDS for entry in entries]
+    """torch.compile's guard_filter_fn: True for the guards in KEPT_GUARDS on anything but a module's
+    attributes (parameters, buffers, constants)."""
+    return [entry.guard_type in KEPT_GUARDS and not entry.orig_guard.source.is_unspecialized_nn_module() for entry in entries]
 
 
 def _own_code(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -88,9 +113,9 @@ def _own_code(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tens
 
 
 class StaticStep:
-    """A Transformer's forward (same signature) whose decode steps run on fixed shapes through a compiled block.
+    """A Transformer's forward (same signature) whose decode steps run on bucketed shapes through a compiled stack.
 
-    compile=False (or a failed compile) keeps the fixed shapes and runs the block eagerly.
+    compile=False (or a failed compile) keeps the buckets and runs the layers eagerly.
     """
 
     def __init__(self, model: Transformer, *, compile: bool = True, backend: str = "inductor", mode: str | None = None) -> None:
@@ -98,30 +123,31 @@ class StaticStep:
         self.max_batch_size, self.max_seq_len = model.max_batch_size, model.max_seq_len
         self.buckets = batch_buckets(model.max_batch_size)
         self.backend, self.mode = backend, mode
-        self.compiled: Callable[..., torch.Tensor] | None = None
+        # (one row, more rows): two code objects, so that a step checks only its own graph's guards.
+        self.compiled: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None = None
         self.recompile_limit = 2 * len(self.buckets) + 2
         self.fallback_reason: str | None = None if compile else "turned off (--no-compile)"
         if compile:
             reason = compile_unavailable(model.device, backend)
             if reason is None:
-                self.compiled = self._compile(backend, mode)
+                self.compiled = (self._compile(backend, mode), self._compile(backend, mode))
             else:
                 self._fall_back(reason)
 
     @staticmethod
     def _compile(backend: str, mode: str | None) -> Callable[..., torch.Tensor]:
-        """torch.compile of run_block with the guards filtered (keep_guard). torch.compile takes a mode or
+        """torch.compile of run_stack with the guards filtered (keep_guard). torch.compile takes a mode or
         options, not both, so Inductor's mode comes as the options it stands for."""
         if mode is not None and backend != "inductor":
-            return torch.compile(_own_code(run_block), backend=backend, mode=mode, dynamic=False)
+            return torch.compile(_own_code(run_stack), backend=backend, mode=mode, dynamic=False)
         options: dict[str, Any] = {"guard_filter_fn": keep_guard}
         if backend == "inductor":
-            # Its generated wrapper re-checks every tensor's size and stride (26 asserts a block, in Python),
+            # Its generated wrapper re-checks every tensor's size and stride (26 asserts a layer, in Python),
             # which the tensor guards above already did: one-row step 12.1 -> 11.6 ms (Zen 4).
             options.update(size_asserts=False, alignment_asserts=False)
         if mode is not None:
             options.update(torch._inductor.list_mode_options(mode))
-        return torch.compile(_own_code(run_block), backend=backend, dynamic=False, options=options)
+        return torch.compile(_own_code(run_stack), backend=backend, dynamic=False, options=options)
 
     # -- the engine's model protocol (app/engine/model_runner.CausalLM) --------------------------
     @property
@@ -226,7 +252,7 @@ class StaticStep:
         positions = torch.cat([positions, positions.new_full((pad, 1), self.model.scratch_position)])
         if slots is not None:
             slots = torch.cat([slots, slots[:1].expand(pad)])
-        return self.model.run(tokens, positions, slots, kv_len, block=self._block, rows=rows, first_slot=first)
+        return self.model.run(tokens, positions, slots, kv_len, layers=self._layers, rows=rows, first_slot=first)
 
     @torch.inference_mode()
     def _in_window(
@@ -238,20 +264,25 @@ class StaticStep:
             torch._dynamo.config.recompile_limit = self.recompile_limit
         placed_tokens = tokens.new_zeros(bucket, 1).index_copy_(0, offsets, tokens)
         placed_positions = positions.new_full((bucket, 1), self.model.scratch_position).index_copy_(0, offsets, positions)
-        return self.model.run(placed_tokens, placed_positions, None, kv_len, block=self._block, rows=offsets, first_slot=first)
+        return self.model.run(placed_tokens, placed_positions, None, kv_len, layers=self._layers, rows=offsets, first_slot=first)
 
-    def _block(self, layer: TransformerBlock, *args: torch.Tensor | None) -> torch.Tensor:
+    def _layers(self, *args: Any) -> torch.Tensor:
+        """run_stack, compiled where it can be (args: model/llama.py's LayersRunner)."""
         if self.compiled is None:
-            return run_block(layer, *args)
-        mask = args[5]  # (h, cos, sin, slots, positions, mask, keys_window, values_window)
-        assert mask is not None
+            return run_stack(*args)
+        _, h, cos, sin, slots, positions, mask, keys_windows, values_windows = args
         torch._dynamo.maybe_mark_dynamic(mask, 3)  # keys read: one graph for every multiple of the key block
+        if h.shape[0] > 1:  # and every bucket above one row: one graph (one row has its own, dynamo's 0/1 rule)
+            for tensor in (h, cos, sin, slots, positions, mask, *keys_windows, *values_windows):
+                if tensor is not None:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        one_row, more_rows = self.compiled
         try:
-            return self.compiled(layer, *args)
+            return (more_rows if h.shape[0] > 1 else one_row)(*args)
         except Exception as e:  # noqa: BLE001 - a backend failure (compiler error, unsupported op) costs speed, not service
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             self._fall_back(f"{type(e).__name__}: {' '.join(lines[:3])}"[:300])
-            return run_block(layer, *args)
+            return run_stack(*args)
 
     def _fall_back(self, reason: str) -> None:
         self.compiled, self.fallback_reason = None, reason
