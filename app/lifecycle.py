@@ -64,6 +64,17 @@ async def run_in_short_lived_thread(fn: Callable[..., T], *args: Any) -> T:
     return await future
 
 
+def import_compiler_ahead() -> None:
+    """Import torch.compile's modules in a thread of their own while the checkpoint loads: ~1.5 s of
+    pure Python that the compiled step's set-up would otherwise spend after loading, on the event loop."""
+
+    def target() -> None:
+        import torch._dynamo.repro.after_dynamo  # noqa: F401 - imported for the side effect
+        import torch._inductor.compile_fx  # noqa: F401
+
+    threading.Thread(target=target, name="llamaserve-import", daemon=True).start()
+
+
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.cancelled():
         return
@@ -136,6 +147,8 @@ class ServerState:
         """Load (in a thread, so /health answers meanwhile), start the engine, warm up, then report ready."""
         try:
             if self.loaded is None:
+                if self.settings.compile and world_size(self.settings) == 1:
+                    import_compiler_ahead()
                 if world_size(self.settings) > 1:
                     on_death = self._rank_died_threadsafe(asyncio.get_running_loop())
                     self.ranks = ParallelRanks(self.settings, world_size(self.settings), on_death)

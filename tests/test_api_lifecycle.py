@@ -230,3 +230,25 @@ async def test_health_unhealthy_when_the_engine_stops_stepping(monkeypatch: pyte
         assert (await request).status_code == 200
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/health/live")).status_code == 200
+
+
+def test_the_compiler_is_imported_ahead_while_loading() -> None:
+    """With --compile, torch.compile's modules load in their own thread beside the checkpoint (start-up):
+    in a fresh process, since this one has them already. An ImportError there (a torch that moved them)
+    would only show as a thread's traceback and a slower start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading, torch\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules\n"
+        "import app.lifecycle as lifecycle\n"
+        "errors = []\n"
+        "threading.excepthook = lambda args: errors.append(args.exc_value)\n"
+        "lifecycle.import_compiler_ahead()\n"
+        "[t.join() for t in threading.enumerate() if t.name == 'llamaserve-import']\n"
+        "assert not errors, errors\n"
+        "assert 'torch._inductor.compile_fx' in sys.modules and 'torch._dynamo' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
