@@ -45,12 +45,23 @@ def dequantize_q8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class Q8Head:
-    """logits = x @ dequantize_q8(q, scale).T for (B, K) float32 rows, through the C kernel."""
+    """logits = x @ dequantize_q8(q, scale).T for (B, K) float32 rows, through the C kernel.
+
+    The kernel runs the vocabulary across its vector lanes: the weights are packed once here in blocks
+    of `lanes` entries, k-major, the vocabulary padded with zero rows to a multiple of two blocks."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, library: ctypes.CDLL, *, exact: bool) -> None:
-        self.q, self.scale = q.contiguous(), scale.float().contiguous()
         self.vocab_size, self.dim = q.shape
         self.exact = exact  # whether the float32 weights were on the grid (else rounded to it)
+        library.q8_head_lanes.restype = ctypes.c_int
+        self.lanes = library.q8_head_lanes()
+        self.padded_vocab = -(-self.vocab_size // (2 * self.lanes)) * 2 * self.lanes
+        pad = self.padded_vocab - self.vocab_size
+        q = torch.cat([q, q.new_zeros(pad, self.dim)]) if pad else q
+        scale = torch.cat([scale.float(), scale.new_zeros(pad, scale.shape[1]).float()]) if pad else scale.float()
+        blocks = self.padded_vocab // self.lanes
+        self.packed = q.reshape(blocks, self.lanes, self.dim).transpose(1, 2).contiguous()  # (block, k, lane)
+        self.scales = scale.reshape(blocks, self.lanes, -1).transpose(1, 2).contiguous()  # (block, group, lane)
         self._kernel = library.q8_head
         self._kernel.argtypes = _ARGTYPES
         self._kernel.restype = ctypes.c_int
@@ -59,17 +70,24 @@ class Q8Head:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"the head takes (rows, {self.dim}) inputs, not {list(x.shape)}")
         x = x.float().contiguous()
-        out = torch.empty(x.shape[0], self.vocab_size)
+        out = torch.empty(x.shape[0], self.padded_vocab)
         threads = torch.get_num_threads()
         status = self._kernel(
-            self.q.data_ptr(), self.scale.data_ptr(), x.data_ptr(), out.data_ptr(), self.vocab_size, self.dim, x.shape[0], threads
+            self.packed.data_ptr(),
+            self.scales.data_ptr(),
+            x.data_ptr(),
+            out.data_ptr(),
+            self.padded_vocab,
+            self.dim,
+            x.shape[0],
+            threads,
         )
         if status != 0:
             raise RuntimeError(f"q8_head kernel failed with status {status}")
-        return out
+        return out if self.padded_vocab == self.vocab_size else out[:, : self.vocab_size].contiguous()
 
     def __repr__(self) -> str:
-        return f"Q8Head(vocab={self.vocab_size}, dim={self.dim}, group={GROUP_SIZE}, exact={self.exact})"
+        return f"Q8Head(vocab={self.vocab_size}, dim={self.dim}, group={GROUP_SIZE}, lanes={self.lanes}, exact={self.exact})"
 
 
 def build_q8_head(weight: torch.Tensor, *, exact_only: bool) -> tuple[Q8Head | None, str]:

@@ -6,141 +6,117 @@
  * torch has no CPU GEMM for group-quantised int8, so it ran in float32, streaming 113 MB for every
  * decode step. Here it reads 28 MB of int8 and 3.5 MB of scales instead.
  *
+ * Layout: the vocabulary runs across a vector's lanes. model/q8_head.py packs the weights in blocks of
+ * LANES vocabulary entries, k-major (block, k, lane), and the scales as (block, group, lane); a register
+ * tile is MR activation rows x 2 blocks, one accumulator each, so every multiply-add serves LANES logits
+ * and no logit ends with a sum across lanes (the earlier layout, k across the lanes, ended each of them
+ * with a 16-lane reduction and ran at a third of its multiply-add bound at 8 rows).
+ *
  * Why it is exact and batch invariant: q * d is exact in float32 for a GGUF's scales (an 8-bit integer
  * times a float16 scale), so the dequantised weights are the float32 head's own values; and every output
- * is one fixed sequence of operations (fused multiply-adds across the vector's lanes in order of k, then
- * the lanes summed in one fixed order), whatever the number of rows, their neighbours or the threads. Register
- * tiles only decide which independent sums run side by side. model/q8_head.py checks both at load.
+ * is one fixed chain of fused multiply-adds over k in order, from zero, whatever the number of rows, the
+ * tile a row falls in, its neighbours or the threads. model/q8_head.py checks both at load.
  *
- * Built at load with the system C compiler, -march=native and -fopenmp (model/native.py); no torch headers.
+ * Needs AVX-512 or AVX2 with FMA (explicit fused multiply-adds: a compiler may not split them); elsewhere
+ * the build fails and the head stays float32. Built at load with the system C compiler, -march=native
+ * and -fopenmp (model/native.py); no torch headers.
  */
 #include <immintrin.h>
 #include <stdint.h>
-#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define GROUP 32
-#define BLOCK_V 8 /* weight rows dequantised together into a buffer that stays in L1/L2 */
+#define NB 2 /* vocabulary blocks per register tile */
 #define MAX_THREADS 256
 
-/* Vectors as wide as the machine's registers, and register tiles of WR weight rows x XR activation rows:
-   AVX-512 has 32 registers of 16 floats (4 x 4 accumulators fit), AVX2 16 registers of 8 (2 x 2). */
 #if defined(__AVX512F__)
 #define LANES 16
-#define WR 4
-#define XR 4
-#else
+#define MR 8 /* activation rows per register tile: 8 x 2 accumulators of 32 registers */
+typedef __m512 vec;
+static inline vec load_weights(const int8_t *q, vec scale) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), scale);
+}
+#define LOAD _mm512_loadu_ps
+#define STORE _mm512_storeu_ps
+#define ZERO _mm512_setzero_ps
+#define BROADCAST _mm512_set1_ps
+#define FMA _mm512_fmadd_ps
+#elif defined(__AVX2__) && defined(__FMA__)
 #define LANES 8
-#define WR 2
-#define XR 2
-#endif
-typedef float vf __attribute__((vector_size(LANES * 4)));
-typedef float vf_unaligned __attribute__((vector_size(LANES * 4), aligned(4)));
-
-/* A fixed order either way; with AVX-512, the intrinsic's shuffle tree: a 32-row head 22.7 -> 18.2 ms (Zen 4),
-   where extracting 16 lanes one by one for every logit cost ~30% of the multiply-adds. */
-static inline float sum_lanes(const vf *a) {
-#if defined(__AVX512F__)
-    return _mm512_reduce_add_ps((__m512)*a);
-#else
-    float s = 0.f;
-    for (int l = 0; l < LANES; l++) s += (*a)[l];
-    return s;
-#endif
+#define MR 4 /* 4 x 2 accumulators of 16 registers */
+typedef __m256 vec;
+static inline vec load_weights(const int8_t *q, vec scale) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))), scale);
 }
-
-/* Dequantise `rows` weight rows (K int8 each, K / 32 scales each) into w. */
-static void dequantise(const int8_t *q, const float *d, long K, long rows, float *w) {
-    for (long r = 0; r < rows; r++)
-        for (long g = 0; g < K / GROUP; g++) {
-            const float scale = d[r * (K / GROUP) + g];
-            for (int k = 0; k < GROUP; k++) w[r * K + g * GROUP + k] = (float)q[r * K + g * GROUP + k] * scale;
-        }
-}
-
-/* out[j * V + i] = dot(w row i, x row j) for i < NW, j < NX. */
-#define TILE(NAME, NW, NX)                                                                              \
-    static void NAME(const float *w, const float *x, float *out, long K, long V) {          \
-        vf acc[NW][NX];                                                                                 \
-        for (int i = 0; i < NW; i++)                                                                    \
-            for (int j = 0; j < NX; j++) acc[i][j] = (vf){0};                                           \
-        for (long k = 0; k < K; k += LANES) {                                                           \
-            vf xv[NX];                                                                                  \
-            for (int j = 0; j < NX; j++) xv[j] = *(const vf_unaligned *)(x + j * K + k);                \
-            for (int i = 0; i < NW; i++) {                                                              \
-                const vf wv = *(const vf *)(w + i * K + k);                                             \
-                for (int j = 0; j < NX; j++) acc[i][j] += wv * xv[j];                                   \
-            }                                                                                           \
-        }                                                                                               \
-        for (int i = 0; i < NW; i++)                                                                    \
-            for (int j = 0; j < NX; j++) out[j * V + i] = sum_lanes(&acc[i][j]);                        \
-    }
-TILE(wide_1, WR, 1) TILE(wide_2, WR, 2) TILE(one_1, 1, 1) TILE(one_2, 1, 2)
-#if XR == 4
-TILE(wide_3, WR, 3) TILE(wide_4, WR, 4) TILE(one_3, 1, 3) TILE(one_4, 1, 4)
-#endif
-
-/* By the number of activation rows: WR weight rows at a time, then one for the rest. */
-typedef void (*tile_fn)(const float *, const float *, float *, long, long);
-#if XR == 4
-static const tile_fn wide[XR + 1] = {0, wide_1, wide_2, wide_3, wide_4};
-static const tile_fn narrow[XR + 1] = {0, one_1, one_2, one_3, one_4};
+#define LOAD _mm256_loadu_ps
+#define STORE _mm256_storeu_ps
+#define ZERO _mm256_setzero_ps
+#define BROADCAST _mm256_set1_ps
+#define FMA _mm256_fmadd_ps
 #else
-static const tile_fn wide[XR + 1] = {0, wide_1, wide_2};
-static const tile_fn narrow[XR + 1] = {0, one_1, one_2};
+#error "q8_head needs AVX-512, or AVX2 with FMA"
 #endif
 
-typedef struct {
-    const int8_t *q;
-    const float *d, *x;
-    float *out;
-    long V, K, B, v0, v1;
-    int failed;
-} job_t;
-
-static void *run(void *arg) {
-    job_t *job = arg;
-    const long K = job->K;
-    float *w = aligned_alloc(64, sizeof(float) * BLOCK_V * K);
-    if (!w) {
-        job->failed = 1;
-        return 0;
-    }
-    for (long v = job->v0; v < job->v1; v += BLOCK_V) {
-        const long rows = job->v1 - v < BLOCK_V ? job->v1 - v : BLOCK_V;
-        dequantise(job->q + v * K, job->d + v * (K / GROUP), K, rows, w);
-        for (long b = 0; b < job->B; b += XR) {
-            const long nx = job->B - b < XR ? job->B - b : XR;
-            const float *x = job->x + b * K;
-            float *out = job->out + b * job->V + v;
-            long r = 0;
-            for (; r + WR <= rows; r += WR) wide[nx](w + r * K, x, out + r, K, job->V);
-            for (; r < rows; r++) narrow[nx](w + r * K, x, out + r, K, job->V);
+/* out[m][n * LANES + l] for the first `rows` rows of x (rows <= MR), vocabulary blocks `block` and
+   `block` + 1. q: (blocks, K, LANES) int8; d: (blocks, K / 32, LANES) float; x: rows x K; out rows V
+   apart. The loops over m and n have constant bounds when `rows` is: each TILE below unrolls them. */
+static inline __attribute__((always_inline)) void tile(const int8_t *q, const float *d, const float *x, float *out,
+                                                       long K, long V, int rows) {
+    vec acc[MR][NB];
+    for (int m = 0; m < rows; m++)
+        for (int n = 0; n < NB; n++) acc[m][n] = ZERO();
+    for (long g = 0; g < K / GROUP; g++) {
+        vec scale[NB];
+        for (int n = 0; n < NB; n++) scale[n] = LOAD(d + (n * (K / GROUP) + g) * LANES);
+        for (long k = g * GROUP; k < (g + 1) * GROUP; k++) {
+            vec w[NB];
+            for (int n = 0; n < NB; n++) w[n] = load_weights(q + (n * K + k) * LANES, scale[n]);
+            for (int m = 0; m < rows; m++) {
+                const vec xm = BROADCAST(x[m * K + k]);
+                for (int n = 0; n < NB; n++) acc[m][n] = FMA(w[n], xm, acc[m][n]);
+            }
         }
     }
-    free(w);
-    return 0;
+    for (int m = 0; m < rows; m++)
+        for (int n = 0; n < NB; n++) STORE(out + m * V + n * LANES, acc[m][n]);
 }
 
-/* q: V x K int8; d: V x (K / 32) float; x: B x K float; out: B x V float; all contiguous. Splits the
-   vocabulary over `threads` OpenMP threads: torch's own pool (the process has one libgomp), whose threads
-   are awake from the layers just before, where threads of our own would wait for them to stop spinning.
-   Returns 0, or -1 for bad arguments, -2 when memory could not be had. */
+#define TILE(R) \
+    static void tile_##R(const int8_t *q, const float *d, const float *x, float *out, long K, long V) { tile(q, d, x, out, K, V, R); }
+typedef void (*tile_fn)(const int8_t *, const float *, const float *, float *, long, long);
+TILE(1) TILE(2) TILE(3) TILE(4)
+#if MR == 8
+TILE(5) TILE(6) TILE(7) TILE(8)
+static const tile_fn tiles[MR + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, tile_7, tile_8};
+#else
+static const tile_fn tiles[MR + 1] = {0, tile_1, tile_2, tile_3, tile_4};
+#endif
+
+/* Vocabulary entries per block: what model/q8_head.py packs for. */
+int q8_head_lanes(void) { return LANES; }
+
+/* q: (V / LANES, K, LANES) int8; d: (V / LANES, K / 32, LANES) float; x: B x K float; out: B x V float;
+   all contiguous, V a multiple of 2 * LANES. Splits the vocabulary over `threads` OpenMP threads:
+   torch's own pool (the process has one libgomp), whose threads are awake from the layers just before,
+   where threads of our own would wait for them to stop spinning. Each thread keeps a tile's weights in
+   L1 while it runs every row through them. Returns 0, or -1 for bad arguments. */
 int q8_head(const int8_t *q, const float *d, const float *x, float *out, long V, long K, long B, int threads) {
-    if (V < 1 || K < GROUP || K % GROUP || B < 1 || threads < 1 || threads > MAX_THREADS) return -1;
-    job_t jobs[MAX_THREADS];
-    const long per = ((V + threads - 1) / threads + BLOCK_V - 1) / BLOCK_V * BLOCK_V;
-    for (int t = 0; t < threads; t++) {
-        const long v0 = t * per < V ? t * per : V, v1 = (t + 1) * per < V ? (t + 1) * per : V;
-        jobs[t] = (job_t){q, d, x, out, V, K, B, v0, v1, 0};
-    }
+    if (V < 1 || V % (NB * LANES) || K < GROUP || K % GROUP || B < 1 || threads < 1 || threads > MAX_THREADS) return -1;
+    const long pairs = V / (NB * LANES), per = (pairs + threads - 1) / threads;
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; t++) run(&jobs[t]);
-    int failed = 0;
-    for (int t = 0; t < threads; t++) failed |= jobs[t].failed;
-    return failed ? -2 : 0;
+    for (int t = 0; t < threads; t++) {
+        const long p1 = (t + 1) * per < pairs ? (t + 1) * per : pairs;
+        for (long p = t * per; p < p1; p++) {
+            const long block = p * NB;
+            for (long b = 0; b < B; b += MR) {
+                const long rows = B - b < MR ? B - b : MR;
+                tiles[rows](q + block * K * LANES, d + block * (K / GROUP) * LANES, x + b * K, out + b * V + block * LANES, K, V);
+            }
+        }
+    }
+    return 0;
 }
 
 /* How many threads a parallel region of `threads` gets here: 1 when built without OpenMP. */
