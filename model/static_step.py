@@ -226,7 +226,8 @@ class StaticStep:
         """
         start = time.monotonic()
         zero = torch.zeros(1, 1, dtype=torch.long, device=self.model.device)
-        kv_len = min(self.model.decode_key_block, self.model.cache_len)
+        # At least 2 keys: a key length of 1 would be specialised (dynamo's 0/1 rule) and the first real step recompile.
+        kv_len = min(max(2, self.model.decode_key_block), self.model.cache_len)
         ways = (None,) if self.model.device.type == "cpu" else (None, zero[0])
         for done, bucket in enumerate(self.buckets, 1):
             t = time.monotonic()

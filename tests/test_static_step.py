@@ -162,6 +162,19 @@ def test_one_graph_for_one_row_and_one_for_every_larger_bucket() -> None:
     assert step.buckets == [1, 2, 4, 8] and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
+def test_warm_up_covers_longer_keys_without_batch_invariance() -> None:
+    """Without batch invariance keys are read one at a time (decode_key_block 1); warming up on a key length
+    of 1 specialised the graphs to it, and the first real step compiled again (seconds, mid-serving)."""
+    model = tiny_model(max_batch_size=4)
+    assert model.decode_key_block == 1
+    step = StaticStep(model, backend="aot_eager")
+    step.warm_up()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for rows in (1, 2, 4):
+        step(torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), 5), None, kv_len=6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_models_alike_in_their_tensors_never_share_a_graph() -> None:
     """The compiled block keeps only tensor and global guards (static_step.keep_guard), so a Python constant
     such as RMSNorm's eps is no longer checked on each call; each step compiles its own copy of run_block,
