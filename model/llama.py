@@ -180,10 +180,14 @@ def run_layers(
     mask: torch.Tensor,
     keys_windows: list[torch.Tensor | None],
     values_windows: list[torch.Tensor | None],
+    *,
+    block: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The layers one after another (Transformer.run's default LayersRunner)."""
+    """The layers one after another (Transformer.run's default LayersRunner); `block(layer, *args)` runs
+    each where given (model/static_step.py's nested compile region)."""
     for layer, keys, values in zip(layers, keys_windows, values_windows):
-        h = layer(h, cos, sin, slots, positions, mask, keys, values)
+        args = (h, cos, sin, slots, positions, mask, keys, values)
+        h = layer(*args) if block is None else block(layer, *args)
     return h
 
 

@@ -39,7 +39,7 @@ import torch
 
 from model.invariance import round_up
 from model.kv_cache import first_of_run
-from model.llama import Transformer, TransformerBlock
+from model.llama import Transformer, TransformerBlock, run_layers
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +68,11 @@ def run_block(layer: TransformerBlock, *args: Any) -> torch.Tensor:
     return layer(*args)
 
 
-def run_stack(
-    layers: list[TransformerBlock],
-    h: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    slots: torch.Tensor | None,
-    positions: torch.Tensor,
-    mask: torch.Tensor,
-    keys_windows: list[torch.Tensor | None],
-    values_windows: list[torch.Tensor | None],
-) -> torch.Tensor:
-    """Every layer of a step (a LayersRunner, model/llama.py), the function torch.compile traces: one
-    entry into compiled code a step, where a compiled block was entered (and its guards checked) 30 times."""
-    for layer, keys, values in zip(layers, keys_windows, values_windows):
-        h = run_block(layer, h, cos, sin, slots, positions, mask, keys, values)
-    return h
+def run_stack(*args: Any) -> torch.Tensor:
+    """Every layer of a step (a LayersRunner: model/llama.py's run_layers, each layer in run_block), the
+    function torch.compile traces: one entry into compiled code a step, where a compiled block was
+    entered (and its guards checked) 30 times."""
+    return run_layers(*args, block=run_block)
 
 
 # Guards dynamo checks before every call of the compiled stack: ~700 for SmolLM2's 30 layers (module
