@@ -18,6 +18,7 @@ import ctypes
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from model.native import NativeBuildError, load_kernel
 
@@ -57,8 +58,7 @@ class Q8Head:
         self.lanes = library.q8_head_lanes()
         self.padded_vocab = -(-self.vocab_size // (2 * self.lanes)) * 2 * self.lanes
         pad = self.padded_vocab - self.vocab_size
-        q = torch.cat([q, q.new_zeros(pad, self.dim)]) if pad else q
-        scale = torch.cat([scale.float(), scale.new_zeros(pad, scale.shape[1]).float()]) if pad else scale.float()
+        q, scale = F.pad(q, (0, 0, 0, pad)), F.pad(scale.float(), (0, 0, 0, pad))  # zero rows: zero logits, dropped
         blocks = self.padded_vocab // self.lanes
         self.packed = q.reshape(blocks, self.lanes, self.dim).transpose(1, 2).contiguous()  # (block, k, lane)
         self.scales = scale.reshape(blocks, self.lanes, -1).transpose(1, 2).contiguous()  # (block, group, lane)

@@ -64,7 +64,7 @@ def assert_rows_invariant_and_close(head: Q8Head, weight: torch.Tensor) -> None:
 
 
 @needs_compiler
-@pytest.mark.parametrize("vocab", [259, 1000, 1031])  # tails of the 8-row blocks and of the thread split
+@pytest.mark.parametrize("vocab", [259, 1000, 1031])  # vocabularies padded to whole tiles of 32, and tails of the thread split
 def test_native_head_is_the_float32_product_with_rows_independent_of_the_batch(vocab: int) -> None:
     weight = on_grid_weight(vocab, 96, seed=vocab)
     head, what = build_q8_head(weight, exact_only=True)
