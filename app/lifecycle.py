@@ -146,6 +146,9 @@ class ServerState:
     async def start(self) -> None:
         """Load (in a thread, so /health answers meanwhile), start the engine, warm up, then report ready."""
         try:
+            # Compiled code is cached on disk beside the weights, so a restart does not compile again: the
+            # decode step's graphs, and model/native.py's C++ operators (built while the model loads).
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(self.settings.cache_dir) / "inductor"))
             if self.loaded is None:
                 if self.settings.compile and world_size(self.settings) == 1:
                     import_compiler_ahead()
@@ -252,8 +255,6 @@ class ServerState:
             return self.ranks.leader
         if not self.settings.compile or not isinstance(model, Transformer):  # tests stand in scripted models
             return model
-        # Compiled kernels are cached on disk beside the weights, so a restart does not compile again.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(self.settings.cache_dir) / "inductor"))
         return StaticStep(model, compile=True)
 
     async def _warmup(self) -> None:

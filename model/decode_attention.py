@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from model.invariance import KV_BLOCK
-from model.native import NativeBuildError, define_operator, holding_the_gil, load_kernel, wanted
+from model.native import NativeBuildError, bind_cxx_operator, define_operator, holding_the_gil, load_kernel, wanted
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,11 +79,11 @@ _ARGTYPES += [_LONG] * 5 + [ctypes.c_int]
 KERNEL_ENV = "LLAMASERVE_ATTENTION_KERNEL"  # auto | torch
 
 
-def _attention_operator() -> Callable[..., torch.Tensor]:
-    """torch.ops.llamaserve.decode_attention(q (B, H, 1, D), keys, values (B, KVH, L, D), positions (B, 1))
-    -> (B, H, 1, D): `decode_attention` for float32 on the CPU, each row over its own position + 1 keys (a row
-    at position >= L pads a bucket: it reads one key).
-    Raises NativeBuildError where it cannot run here."""
+def _attention_operator() -> tuple[Callable[..., torch.Tensor], str]:
+    """(operator, how it is called): decode_attention(q (B, H, 1, D), keys, values (B, KVH, L, D), positions
+    (B, 1)) -> (B, H, 1, D): `decode_attention` for float32 on the CPU, each row over its own position + 1
+    keys (a row at position >= L pads a bucket: it reads one key). torch_ops.cpp's operator where it builds,
+    else one in Python (model/native.py). Raises NativeBuildError where the kernel cannot run here."""
     library = load_kernel("decode_attention")
     if not library.decode_attention_available():
         raise NativeBuildError("the CPU (or torch's dispatch level) has no AVX-512")
@@ -109,12 +109,15 @@ def _attention_operator() -> Callable[..., torch.Tensor]:
     def shape_only(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return q.new_empty(q.shape)
 
-    schema = "(Tensor q, Tensor keys, Tensor values, Tensor positions) -> Tensor"
-    operator = define_operator("decode_attention", schema, attend, shape_only)
+    try:
+        operator, caller = bind_cxx_operator("decode_attention", library.decode_attention, shape_only), "C++ operator"
+    except NativeBuildError as e:
+        schema = "(Tensor q, Tensor keys, Tensor values, Tensor positions) -> Tensor"
+        operator, caller = define_operator("decode_attention", schema, attend, shape_only), f"Python operator: {e}"
     problem = self_check(operator)
     if problem:
         raise NativeBuildError(problem)
-    return operator
+    return operator, caller
 
 
 def native_decode_attention(
@@ -135,7 +138,8 @@ def native_decode_attention(
 def _built() -> tuple[Callable[..., torch.Tensor] | None, str]:
     """Once per process: a failed build or check is not retried (nor its operator defined twice)."""
     try:
-        return _attention_operator(), "native kernel"
+        operator, caller = _attention_operator()
+        return operator, f"native kernel ({caller})"
     except NativeBuildError as e:
         return None, f"plain ops: no native kernel here ({e})"
 

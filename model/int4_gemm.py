@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from model.native import NativeBuildError, define_operator, holding_the_gil, load_kernel, wanted
+from model.native import NativeBuildError, bind_cxx_operator, define_operator, holding_the_gil, load_kernel, wanted
 
 GROUP_SIZE = 32
 BLOCK_COLUMNS = 16
@@ -44,10 +44,11 @@ def pack(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tuple[t
     return packed, by_block(scale), by_block(minimum + 8 * scale)
 
 
-def gemm_operator() -> Callable[..., torch.Tensor]:
-    """torch.ops.llamaserve.int4_gemm(x (M, K) float32, *pack(...)) -> (M, N) float32, defined on
-    first use (nothing is registered at import; call through `native_gemm`, which caches it). Raises
-    NativeBuildError where it cannot run here."""
+def gemm_operator() -> tuple[Callable[..., torch.Tensor], str]:
+    """(operator, how it is called): int4_gemm(x (M, K) float32, *pack(...)) -> (M, N) float32, defined on
+    first use (nothing is registered at import; call through `native_gemm`, which caches it). The operator
+    is torch_ops.cpp's where it builds (~5 us less a call than one in Python: model/native.py), else
+    torch.ops.llamaserve.int4_gemm in Python. Raises NativeBuildError where the kernel cannot run here."""
     library = load_kernel("int4_gemm")
     if not library.int4_gemm_available():
         raise NativeBuildError("the CPU (or torch's dispatch level) has no AVX512-BF16")
@@ -67,12 +68,15 @@ def gemm_operator() -> Callable[..., torch.Tensor]:
     def shape_only(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], scale.shape[0] * BLOCK_COLUMNS)
 
-    schema = "(Tensor x, Tensor packed, Tensor scale, Tensor zero) -> Tensor"
-    operator = define_operator("int4_gemm", schema, int4_gemm, shape_only)
+    try:
+        operator, caller = bind_cxx_operator("int4_gemm", library.int4_gemm, shape_only), "C++ operator"
+    except NativeBuildError as e:
+        schema = "(Tensor x, Tensor packed, Tensor scale, Tensor zero) -> Tensor"
+        operator, caller = define_operator("int4_gemm", schema, int4_gemm, shape_only), f"Python operator: {e}"
     problem = self_check(operator)
     if problem:
         raise NativeBuildError(problem)
-    return operator
+    return operator, caller
 
 
 KERNEL_ENV = "LLAMASERVE_INT4_KERNEL"  # auto | torch
@@ -90,7 +94,8 @@ def native_gemm() -> tuple[Callable[..., torch.Tensor] | None, str]:
 def _built() -> tuple[Callable[..., torch.Tensor] | None, str]:
     """Once per process: a failed build or check is not retried (nor its operator defined twice)."""
     try:
-        return gemm_operator(), "native kernel (AVX512-BF16 dot products)"
+        operator, caller = gemm_operator()
+        return operator, f"native kernel (AVX512-BF16 dot products; {caller})"
     except NativeBuildError as e:
         return None, f"torch's kernel: no native one here ({e})"
 
