@@ -27,14 +27,17 @@ _STATUS = {-1: "bad arguments", -2: "out of memory", -3: "built without AVX512-B
 
 def pack(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel's layout of Q4_1 weights (q in 0..15 of shape (N, K); scale and minimum (N, K / 32)):
-    columns in blocks of 16, per block and pair of k 16 bytes (column j's q[k] in byte j's low nibble,
-    q[k + 1] in its high one); scale and zero = minimum + 8 * scale (the kernel multiplies q - 8) as
+    columns in blocks of 16, per block and chunk of 8 k 64 bytes, column j's in bytes 4j..4j+3 (the order
+    int4_gemm.c's `unpack` reads them in; shape (N / 16, K / 2, 16)); scale and zero = minimum + 8 * scale (the kernel multiplies q - 8) as
     (N / 16, K / 32, 16) float16, a Q4_1 GGUF's own type (decode reads 0.625 bytes a weight, not 0.75)."""
     rows, cols = q.shape
     if rows % BLOCK_COLUMNS or cols % GROUP_SIZE:
         raise ValueError(f"int4_gemm takes N a multiple of {BLOCK_COLUMNS} and K of {GROUP_SIZE}, not {rows} x {cols}")
-    nibbles = q.to(torch.uint8).reshape(rows // BLOCK_COLUMNS, BLOCK_COLUMNS, cols // 2, 2)
-    packed = (nibbles[..., 0] | (nibbles[..., 1] << 4)).permute(0, 2, 1).contiguous()
+    k = q.to(torch.uint8).reshape(rows // BLOCK_COLUMNS, BLOCK_COLUMNS, cols // 8, 8)  # (block, column, chunk, k)
+    # Column j's 4 bytes of a chunk; the kernel's lookups read bytes 4j and 4j + 2 for pairs (k, k+1) and
+    # (k+2, k+3), bytes 4j + 1 and 4j + 3 for the other two, low nibbles first (int4_gemm.c's `unpack`).
+    four = [k[..., low] | (k[..., high] << 4) for low, high in ((0, 2), (4, 6), (1, 3), (5, 7))]
+    packed = torch.stack(four, dim=-1).permute(0, 2, 1, 3).reshape(rows // BLOCK_COLUMNS, cols // 2, BLOCK_COLUMNS)
 
     def by_block(t: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(t.half()).all():
@@ -42,6 +45,17 @@ def pack(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tuple[t
         return t.half().reshape(rows // BLOCK_COLUMNS, BLOCK_COLUMNS, cols // GROUP_SIZE).permute(0, 2, 1).contiguous()
 
     return packed, by_block(scale), by_block(minimum + 8 * scale)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """`pack`'s q back (N, K) from its packed bytes: the layout spelled out the other way (tests read it)."""
+    blocks, half, _ = packed.shape
+    four = packed.reshape(blocks, half // 4, BLOCK_COLUMNS, 4).permute(0, 2, 1, 3)  # (block, column, chunk, byte)
+    low, high = four & 15, four >> 4
+    k = torch.stack(
+        [low[..., 0], low[..., 2], high[..., 0], high[..., 2], low[..., 1], low[..., 3], high[..., 1], high[..., 3]], -1
+    )
+    return k.reshape(blocks * BLOCK_COLUMNS, half * 2)
 
 
 def gemm_operator() -> tuple[Callable[..., torch.Tensor], str]:

@@ -36,14 +36,16 @@ def expected_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mini
     return x.bfloat16().double() @ ((q.double() - 8) * spread(scale)).T + x.double() @ spread(zero).T
 
 
-def test_pack_puts_two_ks_of_sixteen_columns_in_each_sixteen_bytes() -> None:
+def test_pack_puts_eight_ks_of_sixteen_columns_in_each_sixty_four_bytes() -> None:
     q, scale, minimum = q4_1(32, 64, seed=0)
     packed, scales, zeros = pack(q, scale, minimum)
-    assert packed.dtype == torch.uint8 and packed.shape == (2, 32, 16)  # blocks of 16 columns, pairs of k, columns
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 32, 16)  # blocks of 16 columns, K / 2 bytes each
     assert scales.dtype == zeros.dtype == torch.float16 and scales.shape == (2, 2, 16)
-    block, pair, column = 1, 5, 3
-    byte = int(packed[block, pair, column])
-    assert byte & 15 == q[16 * block + column, 2 * pair] and byte >> 4 == q[16 * block + column, 2 * pair + 1]
+    block, chunk, column = 1, 5, 3
+    four = packed[block].reshape(-1)[64 * chunk + 4 * column :][:4].tolist()  # column 3's bytes of k 40..47
+    k = q[16 * block + column, 8 * chunk :][:8].tolist()
+    assert [b & 15 for b in four] == [k[0], k[4], k[1], k[5]] and [b >> 4 for b in four] == [k[2], k[6], k[3], k[7]]
+    assert torch.equal(int4_gemm.unpack(packed), q.to(torch.uint8))
     assert scales[block, 1, column] == scale[16 * block + column, 1]
     assert zeros[block, 0, column] == (minimum + 8 * scale)[16 * block + column, 0].half()
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -163,8 +165,7 @@ def test_the_load_time_check_refuses_a_batch_dependent_or_wrong_kernel() -> None
     """What keeps a miscompiled build out of the model: self_check on stand-in operators."""
 
     def reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        nibbles = packed.permute(0, 2, 1).reshape(-1, packed.shape[1])  # (N, K / 2) bytes
-        q = torch.stack([nibbles & 15, nibbles >> 4], dim=-1).reshape(nibbles.shape[0], -1).double()
+        q = int4_gemm.unpack(packed).double()
         spread = lambda t: t.permute(0, 2, 1).reshape(q.shape[0], -1).double().repeat_interleave(GROUP_SIZE, 1)  # noqa: E731
         return (x.bfloat16().double() @ ((q - 8) * spread(scale)).T + x.double() @ spread(zero).T).float()
 

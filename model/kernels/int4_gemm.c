@@ -15,8 +15,9 @@
  * along k, in order), whatever the number of rows, their neighbours or the threads; register tiles only
  * decide which independent sums run side by side. model/int4_gemm.py checks that at load.
  *
- * Weights are packed by `int4_gemm.pack`'s layout: columns in blocks of 16; per block and pair of k, 16
- * bytes, byte j holding q[k] of column j in its low nibble and q[k + 1] in its high one. Scales and zeros
+ * Weights are packed by `int4_gemm.pack`'s layout: columns in blocks of 16; per block and chunk of 8 k, 64
+ * bytes, column j's eight nibbles in bytes 4j..4j+3 (low nibbles q[k], q[k+4], q[k+1], q[k+5], high ones
+ * q[k+2], q[k+6], q[k+3], q[k+7]: what `unpack` turns into four pairs of k in order). Scales and zeros
  * are (N / 16, K / 32, 16) float16, the type a Q4_1 GGUF stores (decode is bound by memory: float32 ones made
  * a step read 20% more bytes). Built at load with -march=native -fopenmp (model/native.py); no torch headers.
  */
@@ -35,21 +36,31 @@
 
 #define MR 4 /* activation rows per register tile */
 #define NB 2 /* blocks of 16 columns per register tile */
+#define NB_MAX 4
 #define AHEAD 16 /* groups prefetched ahead (4 KB a block): 4 -> 16 took 120 one-row calls 6.8 -> 5.5 ms (Zen 4) */
 
-/* 32 bfloat16 lanes holding q for one pair of k in 16 columns: vpermw looks each nibble up in a table of
-   bf16(q - 8) for q in 0..15 (twice, so the index's fifth bit, the neighbouring nibble's, does not matter). */
-static inline __m512i unpack(const uint8_t *bytes, __m512i table) {
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
-    return _mm512_permutexvar_epi16(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), table);
+/* The four pairs of k of one chunk (8 k x 16 columns, 64 bytes) as four vectors of 32 bfloat16 lanes (lane
+   2j + i: column j's q[k + i] - 8 for the pair's k), looked up in a table of bf16(q - 8) for q in 0..15 by vpermw,
+   which reads the low five bits of each 16-bit word: the word's low byte's low nibble, then, shifted by 4, 8
+   and 12, its other three nibbles (the table is there twice, so the fifth bit, a neighbour's, does not matter).
+   Three shifts and four lookups a chunk, where one byte per 32-bit lane took a widening load, a shift, an or
+   and a lookup per pair: one-row GEMMs were bound by those instructions (~17 GB/s of weights on a 2-core Zen 4
+   that reads ~33), not by memory. `int4_gemm.pack` places the nibbles to suit. */
+static inline void unpack(const uint8_t *bytes, __m512i table, __m512i pairs[4]) {
+    const __m512i raw = _mm512_loadu_si512(bytes);
+    pairs[0] = _mm512_permutexvar_epi16(raw, table);
+    pairs[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 4), table);
+    pairs[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 8), table);
+    pairs[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(raw, 12), table);
 }
 
 /* out rows [0, mr) x column blocks [0, nb) of one tile. w: the tile's packed bytes (block stride
-   w_stride bytes), or, when dequantised, bf16 pairs (block stride K * 2 halfwords as 32-bit pairs). */
+   w_stride bytes), or, when dequantised, bf16 pairs (block stride K * 2 halfwords as 32-bit pairs). Each
+   output's sum runs pair by pair along k in order, whatever the tile. */
 static inline void tile(int mr, int nb, const uint8_t *w, long w_stride, const uint32_t *wd, long wd_stride,
                         const uint16_t *scale, const uint16_t *zero, long s_stride, const uint16_t *xb,
                         const float *xsum, long K, float *out, long N, __m512i table) {
-    __m512 acc[MR][NB], total[MR][NB];
+    __m512 acc[MR][NB_MAX], total[MR][NB_MAX];
     for (int m = 0; m < mr; m++)
         for (int n = 0; n < nb; n++) total[m][n] = _mm512_setzero_ps();
     for (long g = 0; g < K / GROUP; g++) {
@@ -62,14 +73,19 @@ static inline void tile(int mr, int nb, const uint8_t *w, long w_stride, const u
             }
         for (int m = 0; m < mr; m++)
             for (int n = 0; n < nb; n++) acc[m][n] = _mm512_setzero_ps();
-        for (long p = g * GROUP / 2; p < (g + 1) * GROUP / 2; p++) {
-            __m512i wv[NB];
-            for (int n = 0; n < nb; n++)
-                wv[n] = wd ? _mm512_loadu_si512(wd + n * wd_stride + p * 16) : unpack(w + n * w_stride + p * 16, table);
-            for (int m = 0; m < mr; m++) {
-                const __m512i xv = _mm512_set1_epi32(*(const int32_t *)(xb + m * K + 2 * p));
-                for (int n = 0; n < nb; n++) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)xv, (__m512bh)wv[n]);
+        for (long c = g * GROUP / 8; c < (g + 1) * GROUP / 8; c++) { /* chunks of 8 k: 4 pairs */
+            __m512i wv[NB_MAX][4];
+            for (int n = 0; n < nb; n++) {
+                if (wd)
+                    for (int i = 0; i < 4; i++) wv[n][i] = _mm512_loadu_si512(wd + n * wd_stride + (4 * c + i) * 16);
+                else
+                    unpack(w + n * w_stride + c * 64, table, wv[n]);
             }
+            for (int i = 0; i < 4; i++)
+                for (int m = 0; m < mr; m++) {
+                    const __m512i xv = _mm512_set1_epi32(*(const int32_t *)(xb + m * K + 2 * (4 * c + i)));
+                    for (int n = 0; n < nb; n++) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)xv, (__m512bh)wv[n][i]);
+                }
         }
         for (int n = 0; n < nb; n++) {
             const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + n * s_stride + g * 16)));
@@ -91,11 +107,14 @@ static inline void tile(int mr, int nb, const uint8_t *w, long w_stride, const u
                                   float *out, long N, __m512i table) {                                       \
         tile(M, NBLK, w, ws, wd, wds, s, z, ss, xb, xsum, K, out, N, table);                               \
     }
-TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2)
+TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(1, 3) TILE(1, 4)
 typedef void (*tile_fn)(const uint8_t *, long, const uint32_t *, long, const uint16_t *, const uint16_t *, long,
                         const uint16_t *, const float *, long, float *, long, __m512i);
-static const tile_fn tiles[NB + 1][MR + 1] = {
-    {0}, {0, tile_1_1, tile_2_1, tile_3_1, tile_4_1}, {0, tile_1_2, tile_2_2, tile_3_2, tile_4_2}};
+static const tile_fn tiles[NB_MAX + 1][MR + 1] = {{0},
+                                                  {0, tile_1_1, tile_2_1, tile_3_1, tile_4_1},
+                                                  {0, tile_1_2, tile_2_2, tile_3_2, tile_4_2},
+                                                  {0, tile_1_3, 0, 0, 0},
+                                                  {0, tile_1_4, 0, 0, 0}};
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as vcvtneps2bf16 */
     uint32_t u;
@@ -108,7 +127,8 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as vcvtneps2
 int int4_gemm(const float *x, const uint8_t *w, const uint16_t *scale, const uint16_t *zero, float *out,
               long M, long N, long K, int threads) {
     if (M < 1 || N < 16 || N % 16 || K < GROUP || K % GROUP || threads < 1 || threads > MAX_THREADS) return -1;
-    const long groups = K / GROUP, blocks = N / 16, pairs = (blocks + NB - 1) / NB;
+    const long width = NB;
+    const long groups = K / GROUP, blocks = N / 16, pairs = (blocks + width - 1) / width;
     uint16_t *xb = malloc(sizeof(uint16_t) * M * K);
     float *xsum = malloc(sizeof(float) * M * groups);
     if (!xb || !xsum) {
@@ -139,13 +159,15 @@ int int4_gemm(const float *x, const uint8_t *w, const uint16_t *scale, const uin
 #pragma omp for schedule(static)
         for (long pair = 0; pair < pairs; pair++) {
             if (dequantise && !wd) continue;
-            const long b0 = pair * NB, nb = blocks - b0 < NB ? blocks - b0 : NB;
+            const long b0 = pair * width, nb = blocks - b0 < width ? blocks - b0 : width;
             const uint8_t *wb = w + b0 * (K / 2) * 16;
             if (wd)
                 for (long n = 0; n < nb; n++)
-                    for (long p = 0; p < K / 2; p++) {
-                        if (p % 4 == 0) _mm_prefetch((const char *)(wb + n * (K / 2) * 16 + (p + 64) * 16), _MM_HINT_T0);
-                        _mm512_storeu_si512(wd + n * (K / 2) * 16 + p * 16, unpack(wb + n * (K / 2) * 16 + p * 16, table));
+                    for (long c = 0; c < K / 8; c++) {
+                        __m512i pairs[4];
+                        _mm_prefetch((const char *)(wb + n * (K / 2) * 16 + (c + 16) * 64), _MM_HINT_T0);
+                        unpack(wb + n * (K / 2) * 16 + c * 64, table, pairs);
+                        for (int i = 0; i < 4; i++) _mm512_storeu_si512(wd + n * (K / 2) * 16 + (4 * c + i) * 16, pairs[i]);
                     }
             for (long m0 = 0; m0 < M; m0 += MR) {
                 const long mr = M - m0 < MR ? M - m0 : MR;
