@@ -28,8 +28,9 @@ _STATUS = {-1: "bad arguments", -2: "out of memory", -3: "built without AVX512-B
 def pack(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel's layout of Q4_1 weights (q in 0..15 of shape (N, K); scale and minimum (N, K / 32)):
     columns in blocks of 16, per block and chunk of 8 k 64 bytes, column j's in bytes 4j..4j+3 (the order
-    int4_gemm.c's `unpack` reads them in; shape (N / 16, K / 2, 16)); scale and zero = minimum + 8 * scale (the kernel multiplies q - 8) as
-    (N / 16, K / 32, 16) float16, a Q4_1 GGUF's own type (decode reads 0.625 bytes a weight, not 0.75)."""
+    int4_gemm.c's `unpack` reads them in; shape (N / 16, K / 2, 16)); scale and zero = minimum + 8 * scale
+    (the kernel multiplies q - 8) as (N / 16, K / 32, 16) float16, a Q4_1 GGUF's own type (decode reads
+    0.625 bytes a weight, not 0.75)."""
     rows, cols = q.shape
     if rows % BLOCK_COLUMNS or cols % GROUP_SIZE:
         raise ValueError(f"int4_gemm takes N a multiple of {BLOCK_COLUMNS} and K of {GROUP_SIZE}, not {rows} x {cols}")
