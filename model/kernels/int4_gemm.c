@@ -36,7 +36,6 @@
 
 #define MR 4 /* activation rows per register tile */
 #define NB 2 /* blocks of 16 columns per register tile */
-#define NB_MAX 4
 #define AHEAD 16 /* groups prefetched ahead (4 KB a block): 4 -> 16 took 120 one-row calls 6.8 -> 5.5 ms (Zen 4) */
 
 /* The four pairs of k of one chunk (8 k x 16 columns, 64 bytes) as four vectors of 32 bfloat16 lanes (lane
@@ -60,7 +59,7 @@ static inline void unpack(const uint8_t *bytes, __m512i table, __m512i pairs[4])
 static inline void tile(int mr, int nb, const uint8_t *w, long w_stride, const uint32_t *wd, long wd_stride,
                         const uint16_t *scale, const uint16_t *zero, long s_stride, const uint16_t *xb,
                         const float *xsum, long K, float *out, long N, __m512i table) {
-    __m512 acc[MR][NB_MAX], total[MR][NB_MAX];
+    __m512 acc[MR][NB], total[MR][NB];
     for (int m = 0; m < mr; m++)
         for (int n = 0; n < nb; n++) total[m][n] = _mm512_setzero_ps();
     for (long g = 0; g < K / GROUP; g++) {
@@ -74,7 +73,7 @@ static inline void tile(int mr, int nb, const uint8_t *w, long w_stride, const u
         for (int m = 0; m < mr; m++)
             for (int n = 0; n < nb; n++) acc[m][n] = _mm512_setzero_ps();
         for (long c = g * GROUP / 8; c < (g + 1) * GROUP / 8; c++) { /* chunks of 8 k: 4 pairs */
-            __m512i wv[NB_MAX][4];
+            __m512i wv[NB][4];
             for (int n = 0; n < nb; n++) {
                 if (wd)
                     for (int i = 0; i < 4; i++) wv[n][i] = _mm512_loadu_si512(wd + n * wd_stride + (4 * c + i) * 16);
@@ -107,14 +106,11 @@ static inline void tile(int mr, int nb, const uint8_t *w, long w_stride, const u
                                   float *out, long N, __m512i table) {                                       \
         tile(M, NBLK, w, ws, wd, wds, s, z, ss, xb, xsum, K, out, N, table);                               \
     }
-TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(1, 3) TILE(1, 4)
+TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2)
 typedef void (*tile_fn)(const uint8_t *, long, const uint32_t *, long, const uint16_t *, const uint16_t *, long,
                         const uint16_t *, const float *, long, float *, long, __m512i);
-static const tile_fn tiles[NB_MAX + 1][MR + 1] = {{0},
-                                                  {0, tile_1_1, tile_2_1, tile_3_1, tile_4_1},
-                                                  {0, tile_1_2, tile_2_2, tile_3_2, tile_4_2},
-                                                  {0, tile_1_3, 0, 0, 0},
-                                                  {0, tile_1_4, 0, 0, 0}};
+static const tile_fn tiles[NB + 1][MR + 1] = {
+    {0}, {0, tile_1_1, tile_2_1, tile_3_1, tile_4_1}, {0, tile_1_2, tile_2_2, tile_3_2, tile_4_2}};
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as vcvtneps2bf16 */
     uint32_t u;
@@ -127,8 +123,7 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as vcvtneps2
 int int4_gemm(const float *x, const uint8_t *w, const uint16_t *scale, const uint16_t *zero, float *out,
               long M, long N, long K, int threads) {
     if (M < 1 || N < 16 || N % 16 || K < GROUP || K % GROUP || threads < 1 || threads > MAX_THREADS) return -1;
-    const long width = NB;
-    const long groups = K / GROUP, blocks = N / 16, pairs = (blocks + width - 1) / width;
+    const long groups = K / GROUP, blocks = N / 16, pairs = (blocks + NB - 1) / NB;
     uint16_t *xb = malloc(sizeof(uint16_t) * M * K);
     float *xsum = malloc(sizeof(float) * M * groups);
     if (!xb || !xsum) {
@@ -159,7 +154,7 @@ int int4_gemm(const float *x, const uint8_t *w, const uint16_t *scale, const uin
 #pragma omp for schedule(static)
         for (long pair = 0; pair < pairs; pair++) {
             if (dequantise && !wd) continue;
-            const long b0 = pair * width, nb = blocks - b0 < width ? blocks - b0 : width;
+            const long b0 = pair * NB, nb = blocks - b0 < NB ? blocks - b0 : NB;
             const uint8_t *wb = w + b0 * (K / 2) * 16;
             if (wd)
                 for (long n = 0; n < nb; n++)
