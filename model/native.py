@@ -75,17 +75,21 @@ def load_kernel(name: str, flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
     with tempfile.TemporaryDirectory(prefix="llamaserve-kernel-") as directory:
         library = Path(directory) / f"{name}.so"
         command = [compiler, "-O3", *(flags if flags is not None else isa_flags()), "-shared", "-fPIC", "-fopenmp"]
-        command += ["-o", str(library), str(source)]
-        try:
-            built = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise NativeBuildError(f"{' '.join(command)}: {e}") from e
-        if built.returncode != 0:
-            raise NativeBuildError(f"{' '.join(command)} failed: {built.stderr.strip()[-400:]}")
+        run_compiler([*command, "-o", str(library), str(source)])
         try:
             return ctypes.CDLL(str(library))  # mapped: the file may go with the directory
         except OSError as e:
             raise NativeBuildError(f"built {library.name} but could not load it: {e}") from e
+
+
+def run_compiler(command: list[str]) -> None:
+    """Run a compiler command line; NativeBuildError with the command and its last errors if it fails."""
+    try:
+        built = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeBuildError(f"{' '.join(command)}: {e}") from e
+    if built.returncode != 0:
+        raise NativeBuildError(f"{' '.join(command)} failed: {built.stderr.strip()[-400:]}")
 
 
 def wanted(env: str) -> bool:
@@ -145,13 +149,7 @@ def cxx_operators() -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(prefix="llamaserve-operators-", dir=library.parent) as directory:
             built = Path(directory) / library.name
             command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{torch_dir / 'include'}"]
-            command += ["-o", str(built), str(source), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10"]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise NativeBuildError(f"{' '.join(command)}: {e}") from e
-            if done.returncode != 0:
-                raise NativeBuildError(f"{' '.join(command)} failed: {done.stderr.strip()[-400:]}")
+            run_compiler([*command, "-o", str(built), str(source), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10"])
             os.replace(built, library)  # whole or not at all, should another process build it too
     try:
         return ctypes.CDLL(str(library))  # loading registers the operators
