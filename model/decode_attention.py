@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from model.invariance import KV_BLOCK
-from model.native import NativeBuildError, bind_cxx_operator, define_operator, holding_the_gil, load_kernel, wanted
+from model.native import NativeBuildError, holding_the_gil, kernel_operator, load_kernel, wanted
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -109,11 +109,8 @@ def _attention_operator() -> tuple[Callable[..., torch.Tensor], str]:
     def shape_only(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return q.new_empty(q.shape)
 
-    try:
-        operator, caller = bind_cxx_operator("decode_attention", library.decode_attention, shape_only), "C++ operator"
-    except NativeBuildError as e:
-        schema = "(Tensor q, Tensor keys, Tensor values, Tensor positions) -> Tensor"
-        operator, caller = define_operator("decode_attention", schema, attend, shape_only), f"Python operator: {e}"
+    schema = "(Tensor q, Tensor keys, Tensor values, Tensor positions) -> Tensor"
+    operator, caller = kernel_operator("decode_attention", schema, library.decode_attention, attend, shape_only)
     problem = self_check(operator)
     if problem:
         raise NativeBuildError(problem)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from model.native import NativeBuildError, bind_cxx_operator, define_operator, holding_the_gil, load_kernel, wanted
+from model.native import NativeBuildError, holding_the_gil, kernel_operator, load_kernel, wanted
 
 GROUP_SIZE = 32
 BLOCK_COLUMNS = 16
@@ -83,11 +83,8 @@ def gemm_operator() -> tuple[Callable[..., torch.Tensor], str]:
     def shape_only(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], scale.shape[0] * BLOCK_COLUMNS)
 
-    try:
-        operator, caller = bind_cxx_operator("int4_gemm", library.int4_gemm, shape_only), "C++ operator"
-    except NativeBuildError as e:
-        schema = "(Tensor x, Tensor packed, Tensor scale, Tensor zero) -> Tensor"
-        operator, caller = define_operator("int4_gemm", schema, int4_gemm, shape_only), f"Python operator: {e}"
+    schema = "(Tensor x, Tensor packed, Tensor scale, Tensor zero) -> Tensor"
+    operator, caller = kernel_operator("int4_gemm", schema, library.int4_gemm, int4_gemm, shape_only)
     problem = self_check(operator)
     if problem:
         raise NativeBuildError(problem)

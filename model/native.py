@@ -145,7 +145,6 @@ def cxx_operators() -> ctypes.CDLL:
     key = hashlib.sha256(b"\0".join(identity))
     library = _operator_cache_dir() / f"torch_ops-{key.hexdigest()[:16]}.so"
     if not library.is_file():
-        library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="llamaserve-operators-", dir=library.parent) as directory:
             built = Path(directory) / library.name
             command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{torch_dir / 'include'}"]
@@ -204,3 +203,15 @@ def define_operator(
     torch.library.register_fake(f"llamaserve::{name}", shape_only, lib=namespace)
     _registrations.append(namespace)
     return getattr(torch.ops.llamaserve, name).default
+
+
+def kernel_operator(
+    name: str, schema: str, kernel: Any, in_python: Callable[..., torch.Tensor], shape_only: Callable[..., torch.Tensor]
+) -> tuple[Callable[..., torch.Tensor], str]:
+    """(operator, how it is called): `kernel` (a ctypes function) as torch_ops.cpp's C++ operator
+    (`bind_cxx_operator`), else `in_python` (calling the same kernel) as a Python one (`define_operator`,
+    with `schema`), the reason in the description. Call once per name (callers cache)."""
+    try:
+        return bind_cxx_operator(name, kernel, shape_only), "C++ operator"
+    except NativeBuildError as e:
+        return define_operator(name, schema, in_python, shape_only), f"Python operator: {e}"
